@@ -1,0 +1,1 @@
+"""The guest agent that runs inside each VM (stdlib only)."""
