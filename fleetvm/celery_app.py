@@ -1,0 +1,38 @@
+"""The Celery application shared by the API (which sends) and workers (which run).
+
+Task names are constants here, so the API sends tasks by name and never imports
+worker code.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from fleetvm.settings import Settings
+
+TASK_SPAWN = "fleetvm.spawn_vm"
+TASK_EXECUTE = "fleetvm.execute"
+TASK_UPLOAD = "fleetvm.upload"
+TASK_DOWNLOAD = "fleetvm.download"
+TASK_KILL = "fleetvm.kill_vm"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("fleetvm", broker=settings.broker_url, backend=settings.result_url)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        # A task is acknowledged only after it ran, and one a dying worker was
+        # running goes back to its queue. Every task is safe to run twice.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_create_missing_queues=True,
+        result_expires=600,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        enable_utc=True,
+    )
+    return app

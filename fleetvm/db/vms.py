@@ -1,0 +1,33 @@
+"""Compare-and-set changes of VM state, so concurrent actors cannot both act."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from fleetvm.db.models import Vm, VmStatus
+
+
+def transition(
+    db: Session,
+    vm_id: str,
+    expected: Iterable[VmStatus],
+    new: VmStatus,
+    **values: Any,
+) -> bool:
+    """Move a VM to ``new`` if its status is one of ``expected``.
+
+    Runs ``UPDATE vms SET status = :new WHERE id = :id AND status IN :expected``
+    and returns whether this call changed the row. Exactly one of several
+    concurrent callers with the same expectation wins.
+    """
+    statement = (
+        update(Vm)
+        .where(Vm.id == vm_id, Vm.status.in_([str(s) for s in expected]))
+        .values(status=str(new), **values)
+        .execution_options(synchronize_session=False)
+    )
+    return db.execute(statement).rowcount == 1

@@ -1,0 +1,133 @@
+"""Client side of VM operations: one function per task, sent to the VM's owner.
+
+Every operation on a VM travels as a Celery task to ``vm_queue_<worker_id>`` of
+the worker that owns the VM; nothing goes over HTTP between nodes. The queue is
+derived in one place (``queue_name``), and each function states whether it waits
+for the answer (``_call``) or only sends (``_cast``).
+
+A worker answers ``{"ok": true, ...}`` or ``{"ok": false, "error": code,
+"message": ...}``; the second is raised here as the matching
+``fleetvm.errors`` exception.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+from kombu.exceptions import OperationalError
+
+from fleetvm.celery_app import (
+    TASK_DOWNLOAD,
+    TASK_EXECUTE,
+    TASK_KILL,
+    TASK_SPAWN,
+    TASK_UPLOAD,
+)
+from fleetvm.errors import Unavailable, WorkerTimeout, error_from_code
+from fleetvm.settings import queue_name
+
+logger = logging.getLogger(__name__)
+
+#: Extra seconds an execute waits beyond the command's own timeout, for the
+#: round trip through the broker and the guest agent.
+EXECUTE_MARGIN_SECONDS = 10.0
+FILE_TIMEOUT_SECONDS = 60.0
+
+
+class Dispatcher:
+    """Sends VM tasks to owner workers through one Celery app."""
+
+    def __init__(self, app: Celery, spawn_timeout: float) -> None:
+        self.app = app
+        self.spawn_timeout = spawn_timeout
+
+    def spawn(self, worker_id: str, vm_id: str) -> dict[str, Any]:
+        return self._call(
+            TASK_SPAWN, worker_id, {"vm_id": vm_id}, self.spawn_timeout + 5.0
+        )
+
+    def execute(
+        self, worker_id: str, vm_id: str, language: str, code: str, timeout: float
+    ) -> dict[str, Any]:
+        kwargs = {"vm_id": vm_id, "language": language, "code": code}
+        kwargs["timeout"] = timeout
+        return self._call(
+            TASK_EXECUTE, worker_id, kwargs, timeout + EXECUTE_MARGIN_SECONDS
+        )
+
+    def upload(
+        self, worker_id: str, vm_id: str, remote_path: str, content_b64: str
+    ) -> dict[str, Any]:
+        kwargs = {"vm_id": vm_id, "remote_path": remote_path}
+        kwargs["content_b64"] = content_b64
+        return self._call(TASK_UPLOAD, worker_id, kwargs, FILE_TIMEOUT_SECONDS)
+
+    def download(self, worker_id: str, vm_id: str, remote_path: str) -> dict[str, Any]:
+        kwargs = {"vm_id": vm_id, "remote_path": remote_path}
+        return self._call(TASK_DOWNLOAD, worker_id, kwargs, FILE_TIMEOUT_SECONDS)
+
+    def kill(
+        self,
+        worker_id: str,
+        vm_id: str,
+        kill_record_id: int,
+        wait_seconds: float | None,
+        redispatched: bool = False,
+    ) -> dict[str, Any] | None:
+        """Send a kill; with ``wait_seconds``, return the answer or None on timeout.
+
+        A timeout is not a failure: the kill intent is already in the database
+        and the owner carries it out when it gets to it.
+        """
+        kwargs = {"vm_id": vm_id, "kill_record_id": kill_record_id}
+        kwargs["redispatched"] = redispatched
+        if wait_seconds is None:
+            self._cast(TASK_KILL, worker_id, kwargs)
+            return None
+        try:
+            return self._call(TASK_KILL, worker_id, kwargs, wait_seconds)
+        except WorkerTimeout:
+            return None
+
+    def _send(self, task: str, worker_id: str, kwargs: dict[str, Any]):
+        try:
+            return self.app.send_task(task, kwargs=kwargs, queue=queue_name(worker_id))
+        except OperationalError as exc:
+            raise Unavailable(
+                f"Could not send {task} for VM {kwargs.get('vm_id')} to worker "
+                f"{worker_id!r}: the broker is unreachable ({exc}). Try again."
+            ) from exc
+
+    def _cast(self, task: str, worker_id: str, kwargs: dict[str, Any]) -> str:
+        result = self._send(task, worker_id, kwargs)
+        logger.info(
+            "sent %s[%s] to worker %s",
+            task,
+            result.id,
+            worker_id,
+            extra={"vm_id": kwargs.get("vm_id"), "worker_id": worker_id},
+        )
+        return result.id
+
+    def _call(
+        self, task: str, worker_id: str, kwargs: dict[str, Any], timeout: float
+    ) -> dict[str, Any]:
+        result = self._send(task, worker_id, kwargs)
+        try:
+            answer = result.get(
+                timeout=timeout, propagate=True, disable_sync_subtasks=False
+            )
+        except CeleryTimeoutError as exc:
+            raise WorkerTimeout(
+                f"Worker {worker_id!r} did not answer {task}[{result.id}] for VM "
+                f"{kwargs.get('vm_id')} within {timeout:.0f} s. It may be down or "
+                "busy; try again later."
+            ) from exc
+        finally:
+            result.forget()
+        if not answer.get("ok"):
+            raise error_from_code(answer.get("error", ""), answer.get("message", ""))
+        return answer

@@ -1,0 +1,1 @@
+"""The worker node: runs the VM tasks of its own queue, reaps expired VMs."""

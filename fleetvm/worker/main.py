@@ -1,0 +1,68 @@
+"""Entry point of ``fleetvm worker``: one Celery worker for one node's queue."""
+
+from __future__ import annotations
+
+import logging
+
+from fleetvm.celery_app import make_celery
+from fleetvm.db.engine import Database
+from fleetvm.dispatch import Dispatcher
+from fleetvm.drivers import make_driver
+from fleetvm.settings import Settings
+from fleetvm.worker import runtime as runtime_module
+from fleetvm.worker.reaper import Heartbeat, Reaper
+from fleetvm.worker.reconcile import reconcile
+from fleetvm.worker.runtime import WorkerRuntime
+from fleetvm.worker.vms import VmManager
+
+logger = logging.getLogger(__name__)
+
+
+def build_runtime(settings: Settings) -> WorkerRuntime:
+    database = Database(settings)
+    database.create_all()
+    app = make_celery(settings)
+    manager = VmManager(database, make_driver(settings), settings.multinode.worker_id)
+    dispatcher = Dispatcher(app, settings.vm.spawn_timeout_seconds)
+    return WorkerRuntime(settings, database, manager, dispatcher)
+
+
+def run_worker(settings: Settings) -> None:
+    """Reconcile this node's VMs, then consume its queue until stopped."""
+    rt = build_runtime(settings)
+    runtime_module.install(rt)
+    import fleetvm.worker.tasks  # noqa: F401  (registers the tasks)
+
+    heartbeat = Heartbeat(rt)
+    heartbeat.register()
+    reconcile(rt)
+    reaper = Reaper(rt)
+    reaper.start()
+    heartbeat.start()
+
+    app = rt.dispatcher.app
+    argv = [
+        "worker",
+        "--queues",
+        settings.worker_queue,
+        "--pool",
+        "threads",
+        "--concurrency",
+        str(settings.multinode.worker_concurrency),
+        "--hostname",
+        f"{settings.multinode.worker_id}@%h",
+        "--without-gossip",
+        "--without-mingle",
+        "--loglevel",
+        "INFO",
+    ]
+    try:
+        app.worker_main(argv)
+    finally:
+        reaper.stop()
+        heartbeat.stop()
+        logger.info(
+            "worker %s stopped; its VMs keep running for the next start to adopt",
+            settings.multinode.worker_id,
+            extra={"worker_id": settings.multinode.worker_id},
+        )

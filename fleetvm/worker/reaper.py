@@ -1,0 +1,195 @@
+"""Background loops of a worker: expiry reaper, stuck-kill sweep and heartbeat.
+
+Expiry is driven by the database, not by delayed broker messages: a delayed
+message to a dead worker waits forever, and Redis redelivers unacknowledged
+ones only after its visibility timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from datetime import timedelta
+
+from sqlalchemy import func, select
+
+from fleetvm.db.models import KillReason, KillRecord, Vm, VmStatus, Worker, utcnow
+from fleetvm.db.vms import transition
+from fleetvm.worker.runtime import WorkerRuntime
+
+logger = logging.getLogger(__name__)
+
+#: A VM left in killing this long without a kill running here is finished by
+#: the sweep: its kill task was lost (API crash after recording the intent).
+STUCK_KILL_SECONDS = 5.0
+
+
+class Reaper:
+    """Kills this worker's VMs at ``expires_at`` and finishes stuck kills."""
+
+    def __init__(self, rt: WorkerRuntime) -> None:
+        self.rt = rt
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name="fleetvm-reaper", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        interval = self.rt.settings.vm.reaper_interval_seconds
+        while not self._stop.is_set():
+            try:
+                self.reap_once()
+            except Exception:
+                logger.exception(
+                    "expiry reaper pass failed; retrying in %.2f s",
+                    interval,
+                    extra={"worker_id": self.rt.worker_id},
+                )
+            self._stop.wait(self._sleep_seconds(interval))
+
+    def _sleep_seconds(self, interval: float) -> float:
+        with self.rt.database.session() as db:
+            next_expiry = db.scalar(
+                select(func.min(Vm.expires_at)).where(
+                    Vm.worker_id == self.rt.worker_id,
+                    Vm.status == VmStatus.ACTIVE,
+                )
+            )
+        if next_expiry is None:
+            return interval
+        seconds = (next_expiry - utcnow()).total_seconds()
+        return min(interval, max(seconds, 0.0))
+
+    def reap_once(self) -> int:
+        """Kill every expired VM of this worker; return how many were killed."""
+        with self.rt.database.session() as db:
+            expired = list(
+                db.scalars(
+                    select(Vm.id).where(
+                        Vm.worker_id == self.rt.worker_id,
+                        Vm.status == VmStatus.ACTIVE,
+                        Vm.expires_at <= utcnow(),
+                    )
+                )
+            )
+        killed = sum(1 for vm_id in expired if self._expire(vm_id))
+        self._finish_stuck_kills()
+        return killed
+
+    def _expire(self, vm_id: str) -> bool:
+        with self.rt.database.session() as db:
+            won = transition(
+                db,
+                vm_id,
+                [VmStatus.ACTIVE],
+                VmStatus.KILLING,
+                kill_reason=KillReason.EXPIRY,
+            )
+            if not won:
+                return False
+            vm = db.get(Vm, vm_id)
+            record = KillRecord(
+                vm_id=vm_id,
+                session_id=vm.session_id if vm else "",
+                reason=KillReason.EXPIRY,
+            )
+            db.add(record)
+            db.flush()
+            record_id = record.id
+        self.rt.vms.kill(vm_id, record_id)
+        return True
+
+    def _finish_stuck_kills(self) -> None:
+        threshold = utcnow() - timedelta(seconds=STUCK_KILL_SECONDS)
+        with self.rt.database.session() as db:
+            stuck = list(
+                db.scalars(
+                    select(KillRecord.vm_id)
+                    .join(Vm, Vm.id == KillRecord.vm_id)
+                    .where(
+                        Vm.worker_id == self.rt.worker_id,
+                        Vm.status == VmStatus.KILLING,
+                        KillRecord.outcome == "pending",
+                        KillRecord.requested_at <= threshold,
+                    )
+                    .distinct()
+                )
+            )
+        for vm_id in stuck:
+            with self.rt.vms.locked(vm_id, blocking=False) as acquired:
+                if not acquired:
+                    continue
+                logger.warning(
+                    "finishing kill of VM %s whose kill task never arrived",
+                    vm_id,
+                    extra={"vm_id": vm_id, "worker_id": self.rt.worker_id},
+                )
+                self.rt.vms.kill_locked(vm_id, None)
+            self.rt.vms.finish_pending_records(vm_id, "killed")
+
+
+class Heartbeat:
+    """Registers the worker and refreshes its heartbeat until stopped."""
+
+    def __init__(self, rt: WorkerRuntime) -> None:
+        self.rt = rt
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name="fleetvm-heartbeat", daemon=True
+        )
+
+    def register(self) -> None:
+        settings = self.rt.settings
+        now = utcnow()
+        with self.rt.database.session() as db:
+            worker = db.get(Worker, self.rt.worker_id)
+            if worker is None:
+                worker = Worker(id=self.rt.worker_id)
+                db.add(worker)
+            worker.queue = settings.worker_queue
+            worker.host = socket.gethostname()
+            worker.capacity = settings.multinode.capacity
+            worker.state = "up"
+            worker.started_at = now
+            worker.last_heartbeat = now
+        logger.info(
+            "worker %s registered, consuming %s",
+            self.rt.worker_id,
+            settings.worker_queue,
+            extra={"worker_id": self.rt.worker_id},
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, state: str = "stopped") -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._set_state(state)
+
+    def _set_state(self, state: str) -> None:
+        with self.rt.database.session() as db:
+            worker = db.get(Worker, self.rt.worker_id)
+            if worker is not None:
+                worker.state = state
+                worker.last_heartbeat = utcnow()
+
+    def _run(self) -> None:
+        interval = self.rt.settings.multinode.heartbeat_seconds
+        while not self._stop.wait(interval):
+            try:
+                self._set_state("up")
+            except Exception:
+                logger.exception(
+                    "heartbeat of worker %s failed",
+                    self.rt.worker_id,
+                    extra={"worker_id": self.rt.worker_id},
+                )

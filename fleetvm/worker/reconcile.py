@@ -1,0 +1,70 @@
+"""Start-up reconciliation: make this host's VMs agree with the database.
+
+Runs before the worker consumes its queue, so kills that were accepted while it
+was down are carried out first.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fleetvm.db.models import LIVE_STATUSES, VmStatus, utcnow
+from fleetvm.db.vms import transition
+from fleetvm.worker.runtime import WorkerRuntime
+
+logger = logging.getLogger(__name__)
+
+
+def reconcile(rt: WorkerRuntime) -> dict[str, int]:
+    """Adopt live VMs, finish pending kills, and remove VMs nobody owns."""
+    counts = {"adopted": 0, "killed": 0, "lost": 0, "orphans": 0}
+    vms = rt.vms
+
+    for vm_id in vms.owned_vm_ids((VmStatus.KILLING,)):
+        vms.kill(vm_id, None)
+        vms.finish_pending_records(vm_id, "killed")
+        counts["killed"] += 1
+
+    for vm_id in vms.owned_vm_ids((VmStatus.SPAWNING,)):
+        # The spawn task is redelivered or sent again by the next execute;
+        # whatever half-started VM is on disk goes first.
+        rt.vms.driver.kill(vm_id)
+
+    for vm_id in vms.owned_vm_ids((VmStatus.ACTIVE,)):
+        if rt.vms.driver.is_alive(vm_id):
+            counts["adopted"] += 1
+            logger.info("adopted running VM %s", vm_id, extra=_extra(rt, vm_id))
+            continue
+        with rt.database.session() as db:
+            transition(db, vm_id, [VmStatus.ACTIVE], VmStatus.LOST, killed_at=utcnow())
+        rt.vms.driver.kill(vm_id)
+        counts["lost"] += 1
+        logger.warning(
+            "VM %s was not running when worker %s started; marked lost",
+            vm_id,
+            rt.worker_id,
+            extra=_extra(rt, vm_id),
+        )
+
+    live = set(vms.owned_vm_ids(LIVE_STATUSES))
+    for vm_id in rt.vms.driver.list_vms():
+        if vm_id not in live:
+            rt.vms.driver.kill(vm_id)
+            counts["orphans"] += 1
+            logger.warning(
+                "removed VM %s found on disk with no live record",
+                vm_id,
+                extra=_extra(rt, vm_id),
+            )
+
+    logger.info(
+        "worker %s reconciled: %s",
+        rt.worker_id,
+        counts,
+        extra={"worker_id": rt.worker_id},
+    )
+    return counts
+
+
+def _extra(rt: WorkerRuntime, vm_id: str) -> dict[str, str]:
+    return {"vm_id": vm_id, "worker_id": rt.worker_id}

@@ -1,0 +1,140 @@
+"""Celery tasks of a worker; each answers ``{"ok": ...}`` and never raises.
+
+Errors the caller should see travel back as ``{"ok": false, "error": code,
+"message": ...}`` (see ``fleetvm.dispatch``); an unexpected error is logged here,
+once, with its traceback.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from celery import shared_task
+
+from fleetvm.celery_app import (
+    TASK_DOWNLOAD,
+    TASK_EXECUTE,
+    TASK_KILL,
+    TASK_SPAWN,
+    TASK_UPLOAD,
+)
+from fleetvm.db.models import KillRecord, Vm
+from fleetvm.errors import FleetvmError, InvalidRequest
+from fleetvm.worker.runtime import runtime
+
+logger = logging.getLogger(__name__)
+
+
+def _answer(task_name: str, vm_id: str, work: Callable[[], dict[str, Any]]) -> dict:
+    extra = {"vm_id": vm_id, "worker_id": runtime().worker_id}
+    try:
+        return {"ok": True, **work()}
+    except FleetvmError as exc:
+        logger.info("%s for VM %s rejected: %s", task_name, vm_id, exc, extra=extra)
+        return {"ok": False, "error": exc.code, "message": exc.message}
+    except Exception:
+        logger.exception(
+            "%s for VM %s failed unexpectedly", task_name, vm_id, extra=extra
+        )
+        return {
+            "ok": False,
+            "error": "internal_error",
+            "message": f"{task_name} for VM {vm_id} failed on worker "
+            f"{runtime().worker_id}; its log has the details.",
+        }
+
+
+@shared_task(name=TASK_SPAWN)
+def spawn_vm(vm_id: str) -> dict:
+    return _answer(TASK_SPAWN, vm_id, lambda: runtime().vms.spawn(vm_id))
+
+
+@shared_task(name=TASK_EXECUTE)
+def execute(vm_id: str, language: str, code: str, timeout: float) -> dict:
+    return _answer(
+        TASK_EXECUTE,
+        vm_id,
+        lambda: runtime().vms.execute(vm_id, language, code, timeout),  # type: ignore[arg-type]
+    )
+
+
+@shared_task(name=TASK_UPLOAD)
+def upload(vm_id: str, remote_path: str, content_b64: str) -> dict:
+    def work() -> dict[str, Any]:
+        try:
+            content = base64.b64decode(content_b64, validate=True)
+        except binascii.Error as exc:
+            raise InvalidRequest(f"Upload for VM {vm_id} is not base64.") from exc
+        return runtime().vms.upload(vm_id, remote_path, content)
+
+    return _answer(TASK_UPLOAD, vm_id, work)
+
+
+@shared_task(name=TASK_DOWNLOAD)
+def download(vm_id: str, remote_path: str) -> dict:
+    def work() -> dict[str, Any]:
+        content = runtime().vms.download(vm_id, remote_path)
+        return {"content": base64.b64encode(content).decode(), "size": len(content)}
+
+    return _answer(TASK_DOWNLOAD, vm_id, work)
+
+
+@shared_task(name=TASK_KILL)
+def kill_vm(vm_id: str, kill_record_id: int, redispatched: bool = False) -> dict:
+    return _answer(
+        TASK_KILL, vm_id, lambda: _kill_on_owner(vm_id, kill_record_id, redispatched)
+    )
+
+
+def _kill_on_owner(vm_id: str, kill_record_id: int, redispatched: bool) -> dict:
+    """Kill the VM here if this worker owns it, else follow the ownership setting.
+
+    With ``multinode.strict_kill_ownership`` on, a kill that reached a worker
+    that does not own the VM is sent once to the owner's queue; a task that was
+    already sent on finds its record failed instead of bouncing again.
+    """
+    rt = runtime()
+    with rt.database.session() as db:
+        vm = db.get(Vm, vm_id)
+        owner = vm.worker_id if vm else None
+    if owner is None or owner == rt.worker_id:
+        return rt.vms.kill(vm_id, kill_record_id)
+
+    extra = {"vm_id": vm_id, "worker_id": rt.worker_id}
+    if rt.settings.multinode.strict_kill_ownership and not redispatched:
+        with rt.database.session() as db:
+            record = db.get(KillRecord, kill_record_id)
+            if record is not None:
+                record.redispatches += 1
+        logger.warning(
+            "kill of VM %s reached worker %s but its owner is %s; re-dispatching",
+            vm_id,
+            rt.worker_id,
+            owner,
+            extra=extra,
+        )
+        answer = rt.dispatcher.kill(
+            owner,
+            vm_id,
+            kill_record_id,
+            rt.settings.kill.wait_seconds,
+            redispatched=True,
+        )
+        if answer is None:
+            return {"vm_id": vm_id, "worker_id": owner, "outcome": "kill_pending"}
+        return {key: value for key, value in answer.items() if key != "ok"}
+
+    outcome = "failed_not_owner"
+    rt.vms.finish_record(kill_record_id, outcome)
+    logger.error(
+        "kill of VM %s reached worker %s but its owner is %s; not killing it",
+        vm_id,
+        rt.worker_id,
+        owner,
+        extra=extra,
+    )
+    return {"vm_id": vm_id, "worker_id": rt.worker_id, "outcome": outcome}
