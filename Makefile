@@ -1,0 +1,32 @@
+# `make run` and `make test` set up .venv on first use, so both work on a
+# fresh clone with only python3 (3.11 or newer) installed.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: run test lint format clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/fleetvm serve
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check fleetvm tests
+	$(BIN)/ruff check fleetvm tests
+
+test: lint
+	$(BIN)/python -m pytest
+
+format: $(STAMP)
+	$(BIN)/ruff format fleetvm tests
+	$(BIN)/ruff check --fix fleetvm tests
+
+clean:
+	rm -rf $(VENV) .fleetvm

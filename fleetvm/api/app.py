@@ -1,0 +1,68 @@
+"""The FastAPI application and its one mapping from fleetvm errors to HTTP."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+
+from fleetvm import __version__
+from fleetvm.api.routes import auth, health, keys, kill, sessions, vms
+from fleetvm.api.state import ApiState
+from fleetvm.errors import FleetvmError, NotAuthenticated
+from fleetvm.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+async def handle_fleetvm_error(request: Request, exc: FleetvmError) -> JSONResponse:
+    headers = (
+        {"WWW-Authenticate": "Bearer"} if isinstance(exc, NotAuthenticated) else None
+    )
+    if exc.status_code >= 500:
+        logger.warning(
+            "%s %s failed: %s", request.method, request.url.path, exc.message
+        )
+    return JSONResponse(
+        status_code=exc.status_code,
+        content={"detail": exc.message, "code": exc.code},
+        headers=headers,
+    )
+
+
+async def handle_database_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.error("%s %s: database error: %s", request.method, request.url.path, exc)
+    return JSONResponse(
+        status_code=503,
+        content={
+            "detail": "The database is unavailable or busy; retry the request.",
+            "code": "database_unavailable",
+        },
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.fleetvm = ApiState.create(settings)
+        logger.info("API ready on database %s", settings.database_url.split("@")[-1])
+        yield
+        app.state.fleetvm.close()
+
+    app = FastAPI(
+        title="fleetvm",
+        version=__version__,
+        description="Short-lived sandbox VMs for user sessions.",
+        lifespan=lifespan,
+    )
+    app.add_exception_handler(FleetvmError, handle_fleetvm_error)  # type: ignore[arg-type]
+    app.add_exception_handler(OperationalError, handle_database_error)
+    for module in (auth, sessions, vms, kill, keys, health):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,1 @@
+"""Business logic behind the API routes; nothing here speaks HTTP."""

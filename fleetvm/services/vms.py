@@ -1,0 +1,224 @@
+"""VM work requested through the API: placement, spawn on demand, and kill.
+
+Nothing here speaks HTTP; every operation on a VM goes to its owner worker
+through ``fleetvm.dispatch``.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session as DbSession
+
+from fleetvm.db.engine import Database
+from fleetvm.db.models import (
+    ENDED_STATUSES,
+    LIVE_STATUSES,
+    KillReason,
+    KillRecord,
+    Session,
+    User,
+    Vm,
+    VmStatus,
+    Worker,
+    utcnow,
+)
+from fleetvm.db.vms import transition
+from fleetvm.dispatch import Dispatcher
+from fleetvm.errors import NoVmAssigned, NoWorkerAvailable, VmNotRunning
+from fleetvm.services.sessions import get_owned_session
+from fleetvm.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def new_vm_id() -> str:
+    return "vm-" + secrets.token_hex(8)
+
+
+def pick_worker(db: DbSession, settings: Settings) -> str:
+    """Return the live worker with spare capacity and the fewest live VMs."""
+    alive_since = utcnow() - timedelta(seconds=settings.multinode.dead_after_seconds)
+    live_vms = (
+        select(Vm.worker_id, func.count().label("count"))
+        .where(Vm.status.in_([str(s) for s in LIVE_STATUSES]))
+        .group_by(Vm.worker_id)
+        .subquery()
+    )
+    load = func.coalesce(live_vms.c.count, 0)
+    row = db.execute(
+        select(Worker.id)
+        .outerjoin(live_vms, live_vms.c.worker_id == Worker.id)
+        .where(
+            Worker.state == "up",
+            Worker.last_heartbeat >= alive_since,
+            load < Worker.capacity,
+        )
+        .order_by(load, Worker.id)
+        .limit(1)
+    ).first()
+    if row is None:
+        raise NoWorkerAvailable(
+            "No live worker has room for a new VM: start a worker "
+            "(`fleetvm worker --worker-id ID`) or wait for one to come back."
+        )
+    return row[0]
+
+
+class VmService:
+    """Operations on a session's VM for API requests."""
+
+    def __init__(
+        self, database: Database, dispatcher: Dispatcher, settings: Settings
+    ) -> None:
+        self.database = database
+        self.dispatcher = dispatcher
+        self.settings = settings
+
+    def ensure_vm(self, user: User, raw_session_id: str) -> Vm:
+        """Return the session's active VM, starting a new one if it has none."""
+        with self.database.session() as db:
+            session = get_owned_session(db, user, raw_session_id)
+            vm = db.get(Vm, session.current_vm_id) if session.current_vm_id else None
+            if vm is not None and vm.status == VmStatus.ACTIVE:
+                return vm
+            if vm is None or vm.status in ENDED_STATUSES:
+                vm = self._assign_new_vm(db, session)
+            if vm.status == VmStatus.KILLING:
+                raise VmNotRunning(
+                    f"VM {vm.id} of session {session.id} is being killed; retry once "
+                    "the kill completes to get a new VM."
+                )
+
+        self.dispatcher.spawn(vm.worker_id, vm.id)
+        return vm
+
+    def _assign_new_vm(self, db: DbSession, session: Session) -> Vm:
+        previous = session.current_vm_id
+        vm = Vm(
+            id=new_vm_id(),
+            session_id=session.id,
+            worker_id=pick_worker(db, self.settings),
+            status=VmStatus.SPAWNING,
+        )
+        db.add(vm)
+        db.flush()
+        # Compare-and-set on the session, so two first executes that race
+        # assign one VM; the loser uses the winner's.
+        assigned = db.execute(
+            update(Session)
+            .where(Session.id == session.id, _is(Session.current_vm_id, previous))
+            .values(current_vm_id=vm.id)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if assigned == 1:
+            logger.info(
+                "assigned VM %s to session %s on worker %s",
+                vm.id,
+                session.id,
+                vm.worker_id,
+                extra={
+                    "vm_id": vm.id,
+                    "session_id": session.id,
+                    "worker_id": vm.worker_id,
+                },
+            )
+            return vm
+        db.delete(vm)
+        db.refresh(session)
+        winner = db.get(Vm, session.current_vm_id)
+        if winner is None:
+            raise NoVmAssigned(f"Session {session.id} has no VM assigned.")
+        return winner
+
+    def execute(
+        self, user: User, session_id: str, language: str, code: str, timeout: float
+    ) -> dict[str, Any]:
+        vm = self.ensure_vm(user, session_id)
+        answer = self.dispatcher.execute(vm.worker_id, vm.id, language, code, timeout)
+        answer["vm_id"] = vm.id
+        answer["session_id"] = vm.session_id
+        return answer
+
+    def upload(
+        self, user: User, session_id: str, remote_path: str, content_b64: str
+    ) -> dict[str, Any]:
+        vm = self.ensure_vm(user, session_id)
+        return self.dispatcher.upload(vm.worker_id, vm.id, remote_path, content_b64)
+
+    def download(self, user: User, session_id: str, remote_path: str) -> dict[str, Any]:
+        vm = self.ensure_vm(user, session_id)
+        return self.dispatcher.download(vm.worker_id, vm.id, remote_path)
+
+    def kill(self, user: User, raw_session_id: str) -> dict[str, Any]:
+        """Record the kill intent, send it to the owner, and wait a bounded time."""
+        with self.database.session() as db:
+            session = get_owned_session(db, user, raw_session_id)
+            if session.current_vm_id is None:
+                raise NoVmAssigned(
+                    f"Session {session.id} has no VM assigned: it never ran a "
+                    "command, so there is nothing to kill."
+                )
+            vm = db.get(Vm, session.current_vm_id)
+            if vm is None:
+                raise NoVmAssigned(f"Session {session.id} has no VM assigned.")
+            if vm.status in ENDED_STATUSES:
+                return _kill_response(vm, "already_dead", vm.worker_id)
+
+            reason = KillReason.ADMIN if session.user_id != user.id else KillReason.USER
+            transition(
+                db,
+                vm.id,
+                [VmStatus.SPAWNING, VmStatus.ACTIVE],
+                VmStatus.KILLING,
+                kill_reason=reason,
+            )
+            record = KillRecord(
+                vm_id=vm.id, session_id=session.id, requested_by=user.id, reason=reason
+            )
+            db.add(record)
+            db.flush()
+            record_id = record.id
+
+        answer = self.dispatcher.kill(
+            vm.worker_id, vm.id, record_id, self.settings.kill.wait_seconds
+        )
+        if answer is None:
+            return _kill_response(vm, "kill_pending", vm.worker_id)
+        return _kill_response(vm, answer["outcome"], answer.get("worker_id"))
+
+
+MESSAGES = {
+    "killed": "VM {vm_id} of session {session_id} was killed.",
+    "already_dead": "VM {vm_id} of session {session_id} was already dead.",
+    "kill_pending": (
+        "Kill of VM {vm_id} of session {session_id} is recorded, but worker "
+        "{worker_id} has not confirmed it yet; it completes when the worker answers."
+    ),
+    "failed_not_owner": (
+        "Kill of VM {vm_id} of session {session_id} did not happen: it reached a "
+        "worker that does not own the VM."
+    ),
+}
+
+
+def _kill_response(vm: Vm, outcome: str, worker_id: str | None) -> dict[str, Any]:
+    template = MESSAGES.get(outcome, "Kill of VM {vm_id} ended with outcome {outcome}.")
+    message = template.format(
+        vm_id=vm.id, session_id=vm.session_id, worker_id=worker_id, outcome=outcome
+    )
+    return {
+        "message": message,
+        "session_id": vm.session_id,
+        "vm_id": vm.id,
+        "outcome": outcome,
+        "worker_id": worker_id,
+    }
+
+
+def _is(column, value):
+    return column.is_(None) if value is None else column == value
