@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -79,7 +80,9 @@ def start_embedded_redis(settings: Settings) -> subprocess.Popen[bytes]:
         "--save", "",
         "--loglevel", "warning",
     ]  # fmt: skip
-    process = subprocess.Popen(command, preexec_fn=_die_with_parent)
+    # Its own process group, so a Ctrl-C reaches only `fleetvm serve`, which
+    # then stops the children in order.
+    process = subprocess.Popen(command, preexec_fn=_die_with_parent, process_group=0)
     _wait_for_socket(sock, process)
     logger.info("embedded Redis (pid %d) listening on %s", process.pid, sock)
     return process
@@ -122,14 +125,71 @@ def bootstrap_admin(settings: Settings, database: Database) -> None:
     )
 
 
-def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
-    env["FLEETVM_DATA_DIR"] = str(settings.resolved_data_dir)
-    command = [sys.executable, "-m", "fleetvm.cli", "worker"]
-    command += ["--worker-id", settings.multinode.worker_id]
-    process = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent)
-    logger.info("worker %s started (pid %d)", settings.multinode.worker_id, process.pid)
-    return process
+class WorkerSupervisor:
+    """Runs the embedded worker as a child process and restarts it if it dies.
+
+    A crashed worker is started again after ``RESTART_DELAY_SECONDS``; its VMs
+    keep running meanwhile and the new worker adopts them.
+    """
+
+    RESTART_DELAY_SECONDS = 1.0
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.process: subprocess.Popen[bytes] | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(
+            target=self._watch, name="fleetvm-worker-supervisor", daemon=True
+        )
+
+    def start(self) -> None:
+        self._spawn()
+        self._thread.start()
+
+    def _spawn(self) -> None:
+        env = dict(os.environ)
+        env["FLEETVM_DATA_DIR"] = str(self.settings.resolved_data_dir)
+        command = [sys.executable, "-m", "fleetvm.cli", "worker"]
+        command += ["--worker-id", self.settings.multinode.worker_id]
+        with self._lock:
+            # Checked under the lock, so stop() never misses a new child.
+            if self._stopping.is_set():
+                return
+            process = subprocess.Popen(
+                command, env=env, preexec_fn=_die_with_parent, process_group=0
+            )
+            self.process = process
+        logger.info(
+            "worker %s started (pid %d)",
+            self.settings.multinode.worker_id,
+            process.pid,
+        )
+
+    def _watch(self) -> None:
+        while not self._stopping.is_set():
+            process = self.process
+            if process is None:
+                return
+            code = process.wait()
+            if self._stopping.is_set():
+                return
+            logger.error(
+                "worker %s exited with code %s; restarting it in %.0f s",
+                self.settings.multinode.worker_id,
+                code,
+                self.RESTART_DELAY_SECONDS,
+            )
+            if self._stopping.wait(self.RESTART_DELAY_SECONDS):
+                return
+            self._spawn()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._lock:
+            process = self.process
+        if process is not None:
+            stop_child(process, "worker")
 
 
 def stop_child(process: subprocess.Popen[bytes], name: str) -> None:
@@ -180,6 +240,10 @@ def kill_local_vms(settings: Settings, database: Database) -> int:
     return len(vm_ids)
 
 
+def _ignore_signal(signum: int, frame: object) -> None:
+    logger.info("received signal %d; shutting down", signum)
+
+
 def serve(settings: Settings) -> None:
     """Run the API and one worker until interrupted, then stop everything."""
     from fleetvm.api.app import create_app
@@ -191,13 +255,13 @@ def serve(settings: Settings) -> None:
     try:
         database.create_all()
         bootstrap_admin(settings, database)
-        worker = start_worker(settings)
+        worker = WorkerSupervisor(settings)
+        worker.start()
         config = uvicorn.Config(
             create_app(settings),
             host=settings.api.host,
             port=settings.api.port,
             log_config=None,
-            access_log=False,
         )
         logger.info(
             "fleetvm serving on http://%s:%d (data in %s)",
@@ -205,10 +269,15 @@ def serve(settings: Settings) -> None:
             settings.api.port,
             settings.resolved_data_dir,
         )
+        # uvicorn handles SIGINT and SIGTERM while it runs, then restores the
+        # previous handlers and raises the signal again; no-op handlers here
+        # let the shutdown below run instead of the default exit.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _ignore_signal)
         uvicorn.Server(config).run()
     finally:
         if worker is not None:
-            stop_child(worker, "worker")
+            worker.stop()
             killed = kill_local_vms(settings, database)
             logger.info("killed %d VMs at shutdown", killed)
         database.dispose()

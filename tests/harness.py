@@ -16,6 +16,9 @@ from pathlib import Path
 
 import httpx
 
+from fleetvm.drivers import make_driver
+from fleetvm.settings import Settings
+
 STARTUP_TIMEOUT_SECONDS = 60.0
 
 
@@ -57,6 +60,19 @@ def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
             process.wait()
 
 
+def kill_leftover_vms(data_dir: Path) -> list[str]:
+    """Kill VMs still on disk in ``data_dir`` and return their ids.
+
+    A safety net for tests that stop fleetvm abnormally: the VMs outlive their
+    worker by design, so nothing else would end them.
+    """
+    driver = make_driver(Settings(data_dir=data_dir))
+    leftovers = driver.list_vms()
+    for vm_id in leftovers:
+        driver.kill(vm_id)
+    return leftovers
+
+
 def wait_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
@@ -96,6 +112,7 @@ class Server:
 
     def cleanup(self) -> None:
         self.stop()
+        kill_leftover_vms(self.data_dir)
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
     @property

@@ -22,7 +22,16 @@ def build_runtime(settings: Settings) -> WorkerRuntime:
     database = Database(settings)
     database.create_all()
     app = make_celery(settings)
-    manager = VmManager(database, make_driver(settings), settings.multinode.worker_id)
+    driver = make_driver(settings)
+    # The process driver probes its sandbox on first use; doing it here puts a
+    # fallback warning at start-up and keeps the probe out of the first spawn.
+    logger.info(
+        "VM driver %s, sandbox %s",
+        driver.name,
+        getattr(driver, "sandbox", "n/a"),
+        extra={"worker_id": settings.multinode.worker_id},
+    )
+    manager = VmManager(database, driver, settings.multinode.worker_id)
     dispatcher = Dispatcher(app, settings.vm.spawn_timeout_seconds)
     return WorkerRuntime(settings, database, manager, dispatcher)
 

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from fleetvm.drivers import make_driver
 from fleetvm.embedded import start_embedded_redis
 from fleetvm.settings import Settings
 from tests.conftest import new_session, run
@@ -20,6 +19,7 @@ from tests.harness import (
     base_env,
     fleetvm_command,
     free_port,
+    kill_leftover_vms,
     processes_with_cmdline,
     short_data_dir,
     stop_process,
@@ -78,9 +78,7 @@ class Pieces:
         stop_process(self.api)
         stop_process(self.worker)
         # A stopped worker leaves its VMs running for adoption; remove them.
-        driver = make_driver(Settings(data_dir=self.data_dir))
-        for vm_id in driver.list_vms():
-            driver.kill(vm_id)
+        kill_leftover_vms(self.data_dir)
         stop_process(self.redis)
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
