@@ -5,7 +5,7 @@ directory), runs a Celery worker with one no-op task in a thread, and times
 ``send_task(...).get()`` round trips. Prints median, p99 and idle CPU use of the
 worker process for each transport.
 
-    .venv/bin/python benchmarks/embedded_broker.py [--rounds 300] [--repeats 3]
+    .venv/bin/python -m benchmarks.embedded_broker [--rounds 300] [--repeats 3]
 """
 
 from __future__ import annotations

@@ -29,7 +29,12 @@ from fleetvm.db.models import (
 )
 from fleetvm.db.vms import transition
 from fleetvm.dispatch import Dispatcher
-from fleetvm.errors import NoVmAssigned, NoWorkerAvailable, VmNotRunning
+from fleetvm.errors import (
+    NoVmAssigned,
+    NoWorkerAvailable,
+    Unavailable,
+    VmNotRunning,
+)
 from fleetvm.services.sessions import get_owned_session
 from fleetvm.settings import Settings
 
@@ -184,9 +189,20 @@ class VmService:
             db.flush()
             record_id = record.id
 
-        answer = self.dispatcher.kill(
-            vm.worker_id, vm.id, record_id, self.settings.kill.wait_seconds
-        )
+        try:
+            answer = self.dispatcher.kill(
+                vm.worker_id, vm.id, record_id, self.settings.kill.wait_seconds
+            )
+        except Unavailable as exc:
+            # The intent is recorded, and the owner's reaper finishes kills
+            # whose task failed or never arrived, so the kill is pending.
+            logger.warning(
+                "kill of VM %s not confirmed yet: %s",
+                vm.id,
+                exc.message,
+                extra={"vm_id": vm.id, "session_id": vm.session_id},
+            )
+            answer = None
         if answer is None:
             return _kill_response(vm, "kill_pending", vm.worker_id)
         return _kill_response(vm, answer["outcome"], answer.get("worker_id"))

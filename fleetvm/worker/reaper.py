@@ -10,18 +10,21 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from datetime import timedelta
 
 from sqlalchemy import func, select
 
 from fleetvm.db.models import KillReason, KillRecord, Vm, VmStatus, Worker, utcnow
 from fleetvm.db.vms import transition
+from fleetvm.errors import FleetvmError
 from fleetvm.worker.runtime import WorkerRuntime
 
 logger = logging.getLogger(__name__)
 
 #: A VM left in killing this long without a kill running here is finished by
-#: the sweep: its kill task was lost (API crash after recording the intent).
+#: the sweep: its kill task was lost (the API crashed after recording the
+#: intent, or the broker was down) or the driver failed to kill it.
 STUCK_KILL_SECONDS = 5.0
 
 
@@ -34,6 +37,7 @@ class Reaper:
         self._thread = threading.Thread(
             target=self._run, name="fleetvm-reaper", daemon=True
         )
+        self._last_retry: dict[str, float] = {}
 
     def start(self) -> None:
         self._thread.start()
@@ -80,7 +84,19 @@ class Reaper:
                     )
                 )
             )
-        killed = sum(1 for vm_id in expired if self._expire(vm_id))
+        killed = 0
+        for vm_id in expired:
+            try:
+                killed += self._expire(vm_id)
+            except FleetvmError as exc:
+                # The VM stays in killing with a pending record, so the
+                # stuck-kill sweep retries it.
+                logger.error(
+                    "expiry kill of VM %s failed: %s",
+                    vm_id,
+                    exc.message,
+                    extra={"vm_id": vm_id, "worker_id": self.rt.worker_id},
+                )
         self._finish_stuck_kills()
         return killed
 
@@ -123,17 +139,36 @@ class Reaper:
                     .distinct()
                 )
             )
+        now = time.monotonic()
         for vm_id in stuck:
+            if (
+                now - self._last_retry.get(vm_id, -STUCK_KILL_SECONDS)
+                < STUCK_KILL_SECONDS
+            ):
+                continue
+            self._last_retry[vm_id] = now
+            extra = {"vm_id": vm_id, "worker_id": self.rt.worker_id}
             with self.rt.vms.locked(vm_id, blocking=False) as acquired:
                 if not acquired:
                     continue
                 logger.warning(
-                    "finishing kill of VM %s whose kill task never arrived",
+                    "finishing kill of VM %s that was accepted but not carried out",
                     vm_id,
-                    extra={"vm_id": vm_id, "worker_id": self.rt.worker_id},
+                    extra=extra,
                 )
-                self.rt.vms.kill_locked(vm_id, None)
+                try:
+                    self.rt.vms.kill_locked(vm_id, None)
+                except FleetvmError as exc:
+                    logger.error(
+                        "kill of VM %s failed again, retrying in %.0f s: %s",
+                        vm_id,
+                        STUCK_KILL_SECONDS,
+                        exc.message,
+                        extra=extra,
+                    )
+                    continue
             self.rt.vms.finish_pending_records(vm_id, "killed")
+            self._last_retry.pop(vm_id, None)
 
 
 class Heartbeat:
