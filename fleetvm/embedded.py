@@ -14,6 +14,7 @@ transport polls and can read a message file before it is complete, and
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import logging
 import os
 import signal
@@ -240,6 +241,64 @@ def kill_local_vms(settings: Settings, database: Database) -> int:
     return len(vm_ids)
 
 
+def prepare_data_dir(settings: Settings) -> Path:
+    """Create the data directory and the private files it will hold.
+
+    The database and the broker's append-only file contain users' code, output
+    and environment, so they are created 0600 before SQLite and Redis open
+    them (both keep an existing file's mode). The directory itself is 0711:
+    VM processes, running as another user, must traverse it to their own
+    directory but cannot list it.
+    """
+    data_dir = settings.resolved_data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.chmod(0o711)
+    private = [data_dir / "appendonly.aof"]
+    if not settings.database.url:
+        private.append(data_dir / "fleetvm.sqlite3")
+    for path in private:
+        path.touch(mode=0o600, exist_ok=True)
+        path.chmod(0o600)
+    return data_dir
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Take the data directory for this process, or exit if another serve has it.
+
+    Two `fleetvm serve` on one directory would share the broker socket and
+    each kill the other's VMs at shutdown. The lock is released when this
+    process exits, however it exits.
+    """
+    fd = os.open(data_dir / "serve.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SystemExit(
+            f"error: another `fleetvm serve` is running on data directory "
+            f"{data_dir}; stop it first, or set FLEETVM_DATA_DIR to another "
+            "directory."
+        ) from None
+    return fd
+
+
+def bind_api_socket(settings: Settings) -> socket.socket:
+    """Bind the API's port before anything else starts, so a busy port fails fast."""
+    host, port = settings.api.host, settings.api.port
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+    except OSError as exc:
+        raise SystemExit(
+            f"error: cannot listen on {host}:{port}: {exc.strerror or exc}. Set "
+            "FLEETVM_API__PORT to a free port."
+        ) from None
+    return listener
+
+
 def _ignore_signal(signum: int, frame: object) -> None:
     logger.info("received signal %d; shutting down", signum)
 
@@ -248,7 +307,9 @@ def serve(settings: Settings) -> None:
     """Run the API and one worker until interrupted, then stop everything."""
     from fleetvm.api.app import create_app
 
-    settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = prepare_data_dir(settings)
+    lock_fd = lock_data_dir(data_dir)
+    listener = bind_api_socket(settings)
     redis = start_embedded_redis(settings) if not settings.broker.url else None
     database = Database(settings)
     worker = None
@@ -257,24 +318,19 @@ def serve(settings: Settings) -> None:
         bootstrap_admin(settings, database)
         worker = WorkerSupervisor(settings)
         worker.start()
-        config = uvicorn.Config(
-            create_app(settings),
-            host=settings.api.host,
-            port=settings.api.port,
-            log_config=None,
-        )
+        config = uvicorn.Config(create_app(settings), log_config=None)
         logger.info(
             "fleetvm serving on http://%s:%d (data in %s)",
             settings.api.host,
             settings.api.port,
-            settings.resolved_data_dir,
+            data_dir,
         )
         # uvicorn handles SIGINT and SIGTERM while it runs, then restores the
         # previous handlers and raises the signal again; no-op handlers here
         # let the shutdown below run instead of the default exit.
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, _ignore_signal)
-        uvicorn.Server(config).run()
+        uvicorn.Server(config).run(sockets=[listener])
     finally:
         if worker is not None:
             worker.stop()
@@ -283,3 +339,5 @@ def serve(settings: Settings) -> None:
         database.dispose()
         if redis is not None:
             stop_child(redis, "embedded Redis")
+        listener.close()
+        os.close(lock_fd)

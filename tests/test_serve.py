@@ -4,7 +4,9 @@ leaves no process behind."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +14,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import new_session, run
-from tests.harness import Server, processes_with_cmdline, vm_processes
+from tests.harness import (
+    Server,
+    fleetvm_command,
+    free_port,
+    processes_with_cmdline,
+    vm_processes,
+)
 
 
 def children_of(pid: int) -> list[int]:
@@ -105,3 +113,37 @@ def test_serve_stop_leaves_nothing(own_server: Server) -> None:
     ] == []
     status = own_server.query("SELECT status, kill_reason FROM vms WHERE id = ?", vm_id)
     assert status == [("killed", "shutdown")]
+
+
+def test_serve_second_instance_refused(own_server: Server) -> None:
+    with own_server.client(own_server.admin_key) as client:
+        session_id = new_session(client)
+        vm_id = run(client, session_id, "x = 1")["vm_id"]
+    other_port = dict(own_server.env, FLEETVM_API__PORT=str(free_port()))
+
+    result = subprocess.run(
+        fleetvm_command("serve"),
+        env=other_port,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode != 0
+    assert "another `fleetvm serve` is running" in result.stderr
+    assert vm_processes(vm_id)
+    with own_server.client(own_server.admin_key) as client:
+        assert run(client, session_id, "print(x)")["stdout"] == "1\n"
+
+
+def test_serve_busy_port_fails_fast(own_server: Server) -> None:
+    env = dict(own_server.env, FLEETVM_DATA_DIR=str(own_server.data_dir) + "-other")
+
+    result = subprocess.run(
+        fleetvm_command("serve"), env=env, capture_output=True, text=True, timeout=60
+    )
+
+    assert result.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{own_server.port}" in result.stderr
+    assert not Path(env["FLEETVM_DATA_DIR"], "redis.sock").exists()
+    shutil.rmtree(env["FLEETVM_DATA_DIR"], ignore_errors=True)
