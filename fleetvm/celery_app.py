@@ -24,7 +24,8 @@ def make_celery(settings: Settings) -> Celery:
         result_serializer="json",
         accept_content=["json"],
         # A task is acknowledged only after it ran, and one a dying worker was
-        # running goes back to its queue. Every task is safe to run twice.
+        # running goes back to its queue. Spawn and kill are safe to run twice;
+        # the tasks that run user code opt out (see fleetvm.worker.tasks).
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,

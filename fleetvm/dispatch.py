@@ -88,13 +88,22 @@ class Dispatcher:
             self._cast(TASK_KILL, worker_id, kwargs)
             return None
         try:
-            return self._call(TASK_KILL, worker_id, kwargs, wait_seconds)
+            # A kill never expires: it is carried out however late it arrives.
+            return self._call(TASK_KILL, worker_id, kwargs, wait_seconds, expires=False)
         except WorkerTimeout:
             return None
 
-    def _send(self, task: str, worker_id: str, kwargs: dict[str, Any]):
+    def _send(
+        self,
+        task: str,
+        worker_id: str,
+        kwargs: dict[str, Any],
+        expires: float | None = None,
+    ):
         try:
-            return self.app.send_task(task, kwargs=kwargs, queue=queue_name(worker_id))
+            return self.app.send_task(
+                task, kwargs=kwargs, queue=queue_name(worker_id), expires=expires
+            )
         except OperationalError as exc:
             raise Unavailable(
                 f"Could not send {task} for VM {kwargs.get('vm_id')} to worker "
@@ -113,9 +122,19 @@ class Dispatcher:
         return result.id
 
     def _call(
-        self, task: str, worker_id: str, kwargs: dict[str, Any], timeout: float
+        self,
+        task: str,
+        worker_id: str,
+        kwargs: dict[str, Any],
+        timeout: float,
+        expires: bool = True,
     ) -> dict[str, Any]:
-        result = self._send(task, worker_id, kwargs)
+        """Send a task and wait up to ``timeout`` seconds for its answer.
+
+        With ``expires``, a worker discards the task if it reaches it after the
+        caller stopped waiting, so a command is never run for nobody.
+        """
+        result = self._send(task, worker_id, kwargs, timeout if expires else None)
         try:
             answer = result.get(
                 timeout=timeout, propagate=True, disable_sync_subtasks=False

@@ -10,8 +10,9 @@ FleetvmError (500)
  +-- Conflict (409)
  |    +-- VmNotRunning, AlreadyExists
  +-- PayloadTooLarge (413)
+ +-- TooManyRequests (429)
  +-- Unavailable (503)
-      +-- NoWorkerAvailable, WorkerTimeout, SpawnFailed, DriverError
+      +-- NoWorkerAvailable, WorkerTimeout, WorkerBusy, SpawnFailed, DriverError
 
 Driver, broker and database errors are translated into these where they are
 caught, so the API has one exception handler and routes repeat no status codes.
@@ -87,6 +88,11 @@ class PayloadTooLarge(FleetvmError):
     code = "payload_too_large"
 
 
+class TooManyRequests(FleetvmError):
+    status_code = 429
+    code = "too_many_requests"
+
+
 class Unavailable(FleetvmError):
     status_code = 503
     code = "unavailable"
@@ -98,6 +104,10 @@ class NoWorkerAvailable(Unavailable):
 
 class WorkerTimeout(Unavailable):
     code = "worker_timeout"
+
+
+class WorkerBusy(Unavailable):
+    code = "worker_busy"
 
 
 class SpawnFailed(Unavailable):
@@ -125,9 +135,11 @@ ERRORS_BY_CODE: dict[str, type[FleetvmError]] = {
         VmNotRunning,
         AlreadyExists,
         PayloadTooLarge,
+        TooManyRequests,
         Unavailable,
         NoWorkerAvailable,
         WorkerTimeout,
+        WorkerBusy,
         SpawnFailed,
         DriverError,
     )

@@ -121,10 +121,19 @@ def validate_username(username: str) -> None:
         )
 
 
+MIN_PASSWORD_CHARS = 8
+
+
 def create_user(
     db: Session, username: str, password: str | None, is_admin: bool = False
 ) -> User:
+    """Store a new user; ``password`` None makes an account usable by API key only."""
     validate_username(username)
+    if password is not None and len(password) < MIN_PASSWORD_CHARS:
+        raise InvalidRequest(
+            f"Password for {username!r} is too short: use at least "
+            f"{MIN_PASSWORD_CHARS} characters."
+        )
     if db.scalar(select(User).where(User.username == username)) is not None:
         raise AlreadyExists(f"User {username!r} already exists.")
     user = User(

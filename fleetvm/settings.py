@@ -23,6 +23,8 @@ from pydantic_settings import (
 )
 
 WORKER_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: Worker threads that never run user code, so spawns and kills always find one.
+RESERVED_WORKER_THREADS = 4
 
 
 class DatabaseSettings(BaseModel):
@@ -112,11 +114,20 @@ class MultinodeSettings(BaseModel):
         description="Heartbeat silence after which a worker counts as dead.",
     )
     worker_concurrency: int = Field(
-        default=16,
-        gt=0,
+        default=32,
+        ge=RESERVED_WORKER_THREADS + 1,
         description=(
             "Threads of a worker that run VM tasks. A long execute holds one "
-            "thread for its whole timeout."
+            "thread for its whole timeout; a few threads are always kept free "
+            "for spawns and kills."
+        ),
+    )
+    max_commands_per_user: int = Field(
+        default=4,
+        gt=0,
+        description=(
+            "Most executes, uploads and downloads of one user that a worker runs "
+            "at once; more get 429, so one user cannot hold every thread."
         ),
     )
     capacity: int = Field(
@@ -162,6 +173,23 @@ class VmSettings(BaseModel):
     max_memory_mb: int = Field(default=8192, gt=0, description="Largest memory_mb.")
     default_vcpu_count: int = Field(default=1, gt=0, description="Default vCPUs.")
     max_vcpu_count: int = Field(default=8, gt=0, description="Largest vcpu_count.")
+    max_processes: int = Field(
+        default=512,
+        gt=0,
+        description=(
+            "Most processes and threads one VM may run at once, so a fork bomb "
+            "stays inside its VM. Enforced with the pids cgroup where the host "
+            "has one."
+        ),
+    )
+    disk_mb: int = Field(
+        default=1024,
+        gt=0,
+        description=(
+            "Size, in MiB, of a VM's writable home and /tmp together, so one VM "
+            "cannot fill the host's disk."
+        ),
+    )
     spawn_timeout_seconds: float = Field(
         default=20.0, gt=0, description="Time a new VM has to answer its first ping."
     )

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 
@@ -19,6 +23,26 @@ from fleetvm.settings import Settings
 logger = logging.getLogger(__name__)
 
 
+class AsciiJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped.
+
+    Escaping keeps a response valid even if it echoes a lone surrogate from a
+    request, which UTF-8 cannot encode and which would otherwise turn a 422
+    into a 500.
+    """
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode()
+
+
+async def handle_validation_error(
+    request: Request, exc: RequestValidationError
+) -> JSONResponse:
+    return AsciiJSONResponse(
+        status_code=422, content={"detail": jsonable_encoder(exc.errors())}
+    )
+
+
 async def handle_fleetvm_error(request: Request, exc: FleetvmError) -> JSONResponse:
     headers = (
         {"WWW-Authenticate": "Bearer"} if isinstance(exc, NotAuthenticated) else None
@@ -27,7 +51,7 @@ async def handle_fleetvm_error(request: Request, exc: FleetvmError) -> JSONRespo
         logger.warning(
             "%s %s failed: %s", request.method, request.url.path, exc.message
         )
-    return JSONResponse(
+    return AsciiJSONResponse(
         status_code=exc.status_code,
         content={"detail": exc.message, "code": exc.code},
         headers=headers,
@@ -36,7 +60,7 @@ async def handle_fleetvm_error(request: Request, exc: FleetvmError) -> JSONRespo
 
 async def handle_database_error(request: Request, exc: Exception) -> JSONResponse:
     logger.error("%s %s: database error: %s", request.method, request.url.path, exc)
-    return JSONResponse(
+    return AsciiJSONResponse(
         status_code=503,
         content={
             "detail": "The database is unavailable or busy; retry the request.",
@@ -60,7 +84,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description="Short-lived sandbox VMs for user sessions.",
         lifespan=lifespan,
+        default_response_class=AsciiJSONResponse,
     )
+    app.add_exception_handler(RequestValidationError, handle_validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(FleetvmError, handle_fleetvm_error)  # type: ignore[arg-type]
     app.add_exception_handler(OperationalError, handle_database_error)
     for module in (auth, sessions, vms, kill, keys, health):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime
 from typing import Any, Literal
@@ -9,7 +10,45 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, StrictStr, field_validator, model_validator
 
 MAX_CODE_CHARS = 1_000_000
+MAX_METADATA_BYTES = 16 * 1024
+MAX_METADATA_DEPTH = 16
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+def check_encodable(value: str, field: str) -> str:
+    """Reject text that is not valid Unicode, such as a lone surrogate.
+
+    JSON escapes such as "\\ud800" decode to such strings, which cannot be
+    stored, passed to a VM or written back in a response.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{field} contains an invalid Unicode character at position {exc.start}"
+            " (a lone surrogate)"
+        ) from None
+    return value
+
+
+def check_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Bound metadata's size and depth, and require valid Unicode throughout."""
+    try:
+        encoded = json.dumps(metadata, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("metadata contains a lone surrogate") from None
+    if len(encoded) > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata is larger than {MAX_METADATA_BYTES} bytes")
+    pending: list[tuple[Any, int]] = [(metadata, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if depth > MAX_METADATA_DEPTH:
+            raise ValueError(f"metadata is nested deeper than {MAX_METADATA_DEPTH}")
+        if isinstance(value, dict):
+            pending.extend((item, depth + 1) for item in value.values())
+        elif isinstance(value, list):
+            pending.extend((item, depth + 1) for item in value)
+    return metadata
 
 
 class Token(BaseModel):
@@ -42,7 +81,13 @@ class SessionCreate(BaseModel):
                 )
             if "\x00" in value:
                 raise ValueError(f"environment variable {name} contains a NUL byte")
+            check_encodable(value, f"environment variable {name}")
         return env
+
+    @field_validator("metadata")
+    @classmethod
+    def _check_metadata(cls, metadata: dict[str, Any] | None) -> dict[str, Any] | None:
+        return check_metadata(metadata) if metadata is not None else None
 
 
 class SessionCreated(BaseModel):
@@ -93,6 +138,7 @@ class ExecuteRequest(BaseModel):
     def _require_code(self) -> ExecuteRequest:
         if self.command is None and self.code is None:
             raise ValueError("either 'command' or 'code' is required")
+        check_encodable(self.source, "command")
         return self
 
     @property
@@ -146,7 +192,14 @@ class UserPublic(BaseModel):
 
 
 class ApiKeyCreate(BaseModel):
-    name: StrictStr = Field(default="default", min_length=1, max_length=100)
+    name: StrictStr = Field(
+        default="default", min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        return check_encodable(name, "name")
 
 
 class ApiKeyPublic(BaseModel):

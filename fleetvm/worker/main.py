@@ -8,11 +8,12 @@ from fleetvm.celery_app import make_celery
 from fleetvm.db.engine import Database
 from fleetvm.dispatch import Dispatcher
 from fleetvm.drivers import make_driver
-from fleetvm.settings import Settings
+from fleetvm.settings import RESERVED_WORKER_THREADS, Settings
 from fleetvm.worker import runtime as runtime_module
 from fleetvm.worker.reaper import Heartbeat, Reaper
 from fleetvm.worker.reconcile import reconcile
 from fleetvm.worker.runtime import WorkerRuntime
+from fleetvm.worker.slots import CommandSlots
 from fleetvm.worker.vms import VmManager
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,13 @@ def build_runtime(settings: Settings) -> WorkerRuntime:
         getattr(driver, "sandbox", "n/a"),
         extra={"worker_id": settings.multinode.worker_id},
     )
-    manager = VmManager(database, driver, settings.multinode.worker_id)
+    multinode = settings.multinode
+    slots = CommandSlots(
+        multinode.worker_id,
+        total=multinode.worker_concurrency - RESERVED_WORKER_THREADS,
+        per_user=multinode.max_commands_per_user,
+    )
+    manager = VmManager(database, driver, multinode.worker_id, slots)
     dispatcher = Dispatcher(app, settings.vm.spawn_timeout_seconds)
     return WorkerRuntime(settings, database, manager, dispatcher)
 

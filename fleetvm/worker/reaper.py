@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 #: the sweep: its kill task was lost (the API crashed after recording the
 #: intent, or the broker was down) or the driver failed to kill it.
 STUCK_KILL_SECONDS = 5.0
+#: How often the reaper checks that this worker's active VMs still run.
+LIVENESS_INTERVAL_SECONDS = 2.0
 
 
 class Reaper:
@@ -38,6 +40,7 @@ class Reaper:
             target=self._run, name="fleetvm-reaper", daemon=True
         )
         self._last_retry: dict[str, float] = {}
+        self._last_liveness_check = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -98,7 +101,24 @@ class Reaper:
                     extra={"vm_id": vm_id, "worker_id": self.rt.worker_id},
                 )
         self._finish_stuck_kills()
+        self._check_liveness()
         return killed
+
+    def _check_liveness(self) -> None:
+        now = time.monotonic()
+        if now - self._last_liveness_check < LIVENESS_INTERVAL_SECONDS:
+            return
+        self._last_liveness_check = now
+        for vm_id in self.rt.vms.owned_vm_ids((VmStatus.ACTIVE,)):
+            try:
+                self.rt.vms.mark_lost_if_dead(vm_id)
+            except FleetvmError as exc:
+                logger.error(
+                    "liveness check of VM %s failed: %s",
+                    vm_id,
+                    exc.message,
+                    extra={"vm_id": vm_id, "worker_id": self.rt.worker_id},
+                )
 
     def _expire(self, vm_id: str) -> bool:
         with self.rt.database.session() as db:

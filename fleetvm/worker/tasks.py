@@ -53,7 +53,10 @@ def spawn_vm(vm_id: str) -> dict:
     return _answer(TASK_SPAWN, vm_id, lambda: runtime().vms.spawn(vm_id))
 
 
-@shared_task(name=TASK_EXECUTE)
+# Running user code twice is not safe, unlike spawn and kill: an execute,
+# upload or download is acknowledged on receipt, so one that a crashing worker
+# was running is lost (its caller gets an error) instead of run again later.
+@shared_task(name=TASK_EXECUTE, acks_late=False)
 def execute(vm_id: str, language: str, code: str, timeout: float) -> dict:
     return _answer(
         TASK_EXECUTE,
@@ -62,7 +65,7 @@ def execute(vm_id: str, language: str, code: str, timeout: float) -> dict:
     )
 
 
-@shared_task(name=TASK_UPLOAD)
+@shared_task(name=TASK_UPLOAD, acks_late=False)
 def upload(vm_id: str, remote_path: str, content_b64: str) -> dict:
     def work() -> dict[str, Any]:
         try:
@@ -74,7 +77,7 @@ def upload(vm_id: str, remote_path: str, content_b64: str) -> dict:
     return _answer(TASK_UPLOAD, vm_id, work)
 
 
-@shared_task(name=TASK_DOWNLOAD)
+@shared_task(name=TASK_DOWNLOAD, acks_late=False)
 def download(vm_id: str, remote_path: str) -> dict:
     def work() -> dict[str, Any]:
         content = runtime().vms.download(vm_id, remote_path)

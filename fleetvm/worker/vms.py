@@ -30,6 +30,7 @@ from fleetvm.db.models import (
 from fleetvm.db.vms import transition
 from fleetvm.drivers.base import Language, VmDriver, VmSpec
 from fleetvm.errors import FleetvmError, NotFound, SpawnFailed, VmNotRunning
+from fleetvm.worker.slots import CommandSlots
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +38,19 @@ logger = logging.getLogger(__name__)
 class VmManager:
     """Carries out spawn, execute, files and kill for the VMs this worker owns."""
 
-    def __init__(self, database: Database, driver: VmDriver, worker_id: str) -> None:
+    def __init__(
+        self,
+        database: Database,
+        driver: VmDriver,
+        worker_id: str,
+        slots: CommandSlots | None = None,
+    ) -> None:
         self.database = database
         self.driver = driver
         self.worker_id = worker_id
+        # Callers that only kill, such as the shutdown of `fleetvm serve`,
+        # pass no limits.
+        self.slots = slots or CommandSlots(worker_id, total=1000, per_user=1000)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -139,19 +149,28 @@ class VmManager:
                 killed_at=utcnow(),
             )
 
-    def _require_active(self, vm_id: str) -> Vm:
-        vm = self._load_vm(vm_id)
-        if vm.status != VmStatus.ACTIVE:
+    def _require_active(self, vm_id: str) -> int:
+        """Check that the VM is active and return the id of the user who owns it."""
+        with self.database.session() as db:
+            row = db.execute(
+                select(Vm.status, Vm.session_id, Session.user_id)
+                .join(Session, Session.id == Vm.session_id)
+                .where(Vm.id == vm_id)
+            ).first()
+        if row is None:
+            raise NotFound(f"VM {vm_id} does not exist.")
+        status, session_id, user_id = row
+        if status != VmStatus.ACTIVE:
             raise VmNotRunning(
-                f"VM {vm_id} of session {vm.session_id} is {vm.status}, not active."
+                f"VM {vm_id} of session {session_id} is {status}, not active."
             )
-        return vm
+        return user_id
 
     def execute(
         self, vm_id: str, language: Language, code: str, timeout: float
     ) -> dict[str, Any]:
-        self._require_active(vm_id)
-        result = self.driver.execute(vm_id, language, code, timeout)
+        with self.slots.hold(self._require_active(vm_id)), self._noticing_death(vm_id):
+            result = self.driver.execute(vm_id, language, code, timeout)
         return {
             "stdout": result.stdout,
             "stderr": result.stderr,
@@ -161,13 +180,48 @@ class VmManager:
         }
 
     def upload(self, vm_id: str, remote_path: str, content: bytes) -> dict[str, Any]:
-        self._require_active(vm_id)
-        path = self.driver.upload(vm_id, remote_path, content)
+        with self.slots.hold(self._require_active(vm_id)), self._noticing_death(vm_id):
+            path = self.driver.upload(vm_id, remote_path, content)
         return {"path": path, "size": len(content)}
 
     def download(self, vm_id: str, remote_path: str) -> bytes:
-        self._require_active(vm_id)
-        return self.driver.download(vm_id, remote_path)
+        with self.slots.hold(self._require_active(vm_id)), self._noticing_death(vm_id):
+            return self.driver.download(vm_id, remote_path)
+
+    @contextmanager
+    def _noticing_death(self, vm_id: str) -> Iterator[None]:
+        """Turn a driver's VmNotRunning into a lost VM, if its processes are gone."""
+        try:
+            yield
+        except VmNotRunning as exc:
+            if self.mark_lost_if_dead(vm_id):
+                raise VmNotRunning(
+                    f"VM {vm_id} stopped: its processes exited without a kill. "
+                    "The next execute starts a new VM."
+                ) from exc
+            raise
+
+    def mark_lost_if_dead(self, vm_id: str) -> bool:
+        """Mark an active VM lost if none of its processes run; return if it did.
+
+        Code inside a VM can end it, for example with ``kill -9 -1``; the
+        database must then stop calling it alive.
+        """
+        with self.locked(vm_id, blocking=False) as acquired:
+            if not acquired or self.driver.is_alive(vm_id):
+                return False
+            with self.database.session() as db:
+                lost = transition(
+                    db, vm_id, [VmStatus.ACTIVE], VmStatus.LOST, killed_at=utcnow()
+                )
+            if lost:
+                self.driver.kill(vm_id)
+                logger.warning(
+                    "VM %s exited by itself; marked lost",
+                    vm_id,
+                    extra=self._log_extra(vm_id),
+                )
+            return lost
 
     def kill(self, vm_id: str, kill_record_id: int | None) -> dict[str, Any]:
         """Kill the VM if it still runs and report whether this call killed it."""

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
 from tests.conftest import new_session, run
+from tests.harness import vm_processes
 
 
 @pytest.fixture
@@ -143,3 +146,70 @@ def test_download_bad_form(
     response = alice.post("/download", data={"session_id": session, **form})
 
     assert response.status_code == status
+
+
+def test_execute_limit_per_user(server, alice: httpx.Client) -> None:
+    greedy_key = server.create_user("greedy")
+    sessions = []
+    with server.client(greedy_key) as greedy:
+        for _ in range(5):
+            session_id = new_session(greedy)
+            run(greedy, session_id, "print(1)")
+            sessions.append(session_id)
+
+        def slow(session_id: str) -> httpx.Response:
+            with server.client(greedy_key) as client:
+                body = {
+                    "session_id": session_id,
+                    "command": "import time; time.sleep(4)",
+                }
+                return client.post("/execute", json=body)
+
+        with ThreadPoolExecutor(max_workers=5) as pool:
+            futures = [pool.submit(slow, session_id) for session_id in sessions]
+            time.sleep(1.5)
+            other = new_session(alice)
+            other_result = run(alice, other, "print('not blocked')")
+            other_kill = alice.post("/kill", json={"session_id": other})
+            codes = sorted(future.result().status_code for future in futures)
+
+    assert codes == [200, 200, 200, 200, 429]
+    assert other_result["stdout"] == "not blocked\n"
+    assert other_kill.json()["outcome"] == "killed"
+
+
+def test_upload_too_deep_path_is_400(alice: httpx.Client, session: str) -> None:
+    response = alice.post(
+        "/upload",
+        data={"remote_path": "d/" * 100 + "f", "session_id": session},
+        files={"file": ("f", b"x")},
+    )
+
+    assert response.status_code == 400
+    assert "directory levels" in response.json()["detail"]
+
+
+def test_vm_that_kills_itself_is_lost(alice: httpx.Client) -> None:
+    session_id = new_session(alice)
+    first = run(alice, session_id, "print(1)")["vm_id"]
+
+    suicide = alice.post(
+        "/execute",
+        json={"session_id": session_id, "command": "kill -9 -1", "language": "bash"},
+    )
+    deadline = time.monotonic() + 10
+    status = {}
+    while time.monotonic() < deadline:
+        status = alice.get(f"/v1/sessions/status/{session_id}").json()
+        if status["vm_status"] == "lost":
+            break
+        time.sleep(0.1)
+    again = run(alice, session_id, "print(2)")
+
+    assert suicide.status_code in (200, 409)
+    assert status["vm_status"] == "lost"
+    assert status["vm_alive"] is False
+    assert vm_processes(first) == []
+    assert again["stdout"] == "2\n"
+    assert again["vm_id"] != first
+    alice.post("/kill", json={"session_id": session_id})

@@ -117,3 +117,52 @@ def test_sandboxes_only_own(alice: httpx.Client, bob: httpx.Client) -> None:
     listed = bob.get("/v1/sessions/sandboxes", params={"limit": 1000}).json()
 
     assert session_id not in [row["session_id"] for row in listed]
+
+
+@pytest.mark.parametrize(
+    ("path", "raw_body"),
+    [
+        pytest.param(
+            "/v1/sessions/session", '{"metadata": {"a": "\\ud800"}}', id="metadata"
+        ),
+        pytest.param("/v1/sessions/session", '{"env": {"A": "\\ud800"}}', id="env"),
+        pytest.param("/v1/api-keys/", '{"name": "\\udfff"}', id="key-name"),
+        pytest.param("/v1/api-keys/", '{"name": "a\\u0000b"}', id="key-name-nul"),
+        pytest.param(
+            "/execute",
+            '{"session_id": "00000000-0000-4000-8000-000000000000", '
+            '"command": "print(1) # \\ud800"}',
+            id="command",
+        ),
+    ],
+)
+def test_lone_surrogate_is_422(alice: httpx.Client, path: str, raw_body: str) -> None:
+    response = alice.post(
+        path, content=raw_body.encode(), headers={"Content-Type": "application/json"}
+    )
+
+    assert response.status_code == 422
+    assert isinstance(response.json()["detail"], list)
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        pytest.param({"a": "x" * 20000}, id="too-large"),
+        pytest.param(
+            {"a": [[[[[[[[[[[[[[[[[[["deep"]]]]]]]]]]]]]]]]]]]}, id="too-deep"
+        ),
+    ],
+)
+def test_session_metadata_bounds(alice: httpx.Client, metadata: dict) -> None:
+    response = alice.post("/v1/sessions/session", json={"metadata": metadata})
+
+    assert response.status_code == 422
+
+
+def test_sandboxes_deep_filter_is_400(alice: httpx.Client) -> None:
+    response = alice.get(
+        "/v1/sessions/sandboxes", params={"metadata": "[" * 2000 + "]" * 2000}
+    )
+
+    assert response.status_code == 400

@@ -153,3 +153,28 @@ def test_expiry_while_worker_down(pieces: Pieces) -> None:
 
     assert status["vm_status"] == "expired"
     assert vm_processes(vm_id) == []
+
+
+def test_execute_sent_while_down_never_runs(pieces: Pieces) -> None:
+    with pieces.client() as client:
+        session_id = new_session(client)
+        run(client, session_id, "print(1)")
+        pieces.crash_worker()
+
+        late = client.post(
+            "/execute",
+            json={
+                "session_id": session_id,
+                "command": "open('late-marker', 'w').write('ran')",
+                "timeout": 1,
+            },
+        )
+        pieces.restart_worker()
+        time.sleep(2)
+        check = run(
+            client, session_id, "import os; print(os.path.exists('late-marker'))"
+        )
+
+    assert late.status_code == 503
+    assert "did not answer" in late.json()["detail"]
+    assert check["stdout"] == "False\n"

@@ -26,6 +26,8 @@ from fleetvm.services import sessions as service
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
+MAX_FILTER_CHARS = 4096
+
 
 @router.post("/session", response_model=SessionCreated)
 def create_session(
@@ -89,9 +91,13 @@ def list_sandboxes(
 def _parse_metadata_filter(raw: str | None) -> dict[str, Any] | None:
     if raw is None:
         return None
+    if len(raw) > MAX_FILTER_CHARS:
+        raise InvalidRequest(
+            f"Invalid metadata filter: longer than {MAX_FILTER_CHARS} characters."
+        )
     try:
         value = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise InvalidRequest(
             f"Invalid metadata filter {raw[:80]!r}: not JSON."
         ) from exc

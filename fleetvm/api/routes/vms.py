@@ -20,6 +20,7 @@ from fleetvm.services.sessions import parse_session_id
 router = APIRouter(tags=["vms"])
 
 MAX_PATH_CHARS = 4096
+MAX_PATH_DEPTH = 64
 
 
 def _check_remote_path(path: str) -> str:
@@ -28,6 +29,17 @@ def _check_remote_path(path: str) -> str:
             f"Invalid remote path {path[:80]!r}: it must be 1 to {MAX_PATH_CHARS} "
             "characters with no NUL byte."
         )
+    if path.count("/") > MAX_PATH_DEPTH:
+        raise InvalidRequest(
+            f"Invalid remote path {path[:80]!r}...: more than {MAX_PATH_DEPTH} "
+            "directory levels."
+        )
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(
+            f"Invalid remote path {path[:80]!r}: not valid Unicode."
+        ) from None
     return path
 
 
