@@ -18,15 +18,15 @@ run: $(STAMP)
 	$(BIN)/fleetvm serve
 
 lint: $(STAMP)
-	$(BIN)/ruff format --check fleetvm tests
-	$(BIN)/ruff check fleetvm tests
+	$(BIN)/ruff format --check fleetvm tests benchmarks
+	$(BIN)/ruff check fleetvm tests benchmarks
 
 test: lint
 	$(BIN)/python -m pytest
 
 format: $(STAMP)
-	$(BIN)/ruff format fleetvm tests
-	$(BIN)/ruff check --fix fleetvm tests
+	$(BIN)/ruff format fleetvm tests benchmarks
+	$(BIN)/ruff check --fix fleetvm tests benchmarks
 
 clean:
 	rm -rf $(VENV) .fleetvm

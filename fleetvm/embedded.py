@@ -5,10 +5,11 @@ directory as the Celery broker, uses SQLite there as the database, runs the
 worker as a child process and the API in this process. Stopping it (SIGINT or
 SIGTERM) stops the worker, kills the VMs it owns and stops Redis.
 
-Redis was chosen by measurement: a Celery round trip on Redis took about 1.4 ms
-at the median on a two-core test machine, while kombu's ``filesystem://``
-transport polls and can read a message file before it is complete, and
-``sqla+sqlite`` took 12 to 44 ms and used CPU while idle.
+Redis was chosen by measurement (``benchmarks/embedded_broker.py``, figures in
+``docs/benchmarks.md``): a Celery round trip took about 2 ms at the median,
+against about 28 ms for ``sqla+sqlite``, which also polls and uses CPU while
+idle. kombu's ``filesystem://`` transport polls too and can hand a worker a
+message file that is still being written.
 """
 
 from __future__ import annotations
