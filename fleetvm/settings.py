@@ -183,11 +183,12 @@ class VmSettings(BaseModel):
         ),
     )
     disk_mb: int = Field(
-        default=1024,
+        default=256,
         gt=0,
         description=(
-            "Size, in MiB, of a VM's writable home and /tmp together, so one VM "
-            "cannot fill the host's disk."
+            "Size, in MiB, of each of a VM's writable home and /tmp, so one VM "
+            "cannot fill the host's disk. Both are in-memory file systems, so "
+            "their files also count against the VM's memory_mb."
         ),
     )
     spawn_timeout_seconds: float = Field(

@@ -58,8 +58,11 @@ class VmDriver(Protocol):
     """Operations on the VMs of one host.
 
     Errors: ``fleetvm.errors.DriverError`` when the host or guest fails,
-    ``fleetvm.errors.VmNotRunning`` for a VM that is gone, and
-    ``fleetvm.errors.VmFileNotFound`` for a missing file on download.
+    ``fleetvm.errors.VmNotRunning`` for a VM that is gone,
+    ``fleetvm.errors.VmFileNotFound`` for a missing file on download,
+    ``fleetvm.errors.InvalidRequest`` or ``PayloadTooLarge`` for a bad path,
+    code or size, and ``fleetvm.errors.Conflict`` when the VM is too busy
+    (for example at its process limit) to take the request.
     """
 
     name: str

@@ -28,9 +28,18 @@ Protocol
         -> {"ok": true, "path": str, "content": str (base64)}
 
     A failed request gets {"ok": false, "error": CODE, "message": str}, where CODE
-    is invalid_request, not_found, is_a_directory, permission_denied, too_large or
-    internal_error. Relative paths are relative to the home directory, upload
-    creates missing parent directories, and the returned path is absolute.
+    is invalid_request, not_found, is_a_directory, permission_denied, too_large,
+    no_space, process_limit or internal_error. internal_error means the agent
+    itself failed, and every other code is caused by the request or by the VM's
+    own state.
+
+Files
+    Relative paths are relative to the home directory, and the returned path is
+    absolute. Paths must be valid UTF-8 of at most 4095 bytes. Upload creates
+    missing parent directories and replaces the file through a temporary file and
+    a rename, so a failed upload leaves an existing file and the directory tree as
+    they were. Upload and download accept only regular files. Symbolic links are
+    followed, because the agent has no more rights than the code it runs.
 
 Execution
     Python code runs in a long-lived kernel process (``agent.py kernel``), so the
@@ -41,15 +50,28 @@ Execution
     that says how many bytes were dropped.
 
     The exit code is 0 on success. Python gives 1 for an uncaught exception, whose
-    traceback goes to stderr, and the code of a SystemExit. Bash gives the shell's
-    exit status, or 128 + N after signal N. A request that exceeds its timeout gets
-    timed_out true and exit code 124, as GNU timeout does.
+    traceback goes to stderr, and the code of a SystemExit modulo 256, as for a
+    process. Bash gives the shell's exit status, or 128 + N after signal N. A
+    request that exceeds its timeout gets timed_out true and exit code 124, as GNU
+    timeout does.
+
+    With ``--user-cgroup-fd`` the kernel and every bash command join that cgroup
+    (a pids cgroup whose pids.max is the VM's process limit) before they run any
+    code. The agent itself stays outside it, so a fork bomb cannot keep the agent
+    from serving requests. When a command cannot start, it gets exit code 126 and
+    the reason on stderr.
 
     On timeout, bash's process group gets SIGKILL. The kernel's process group gets
     SIGINT, which raises KeyboardInterrupt in the running code. A kernel that has
     not replied 2 seconds later is killed and restarted, so every name is lost: the
     response has namespace_reset true and a note on stderr. A kernel that died for
     another reason (os._exit, the memory limit) is reported in the same way.
+
+Security
+    The agent runs as the same user as the code it executes. It makes itself
+    non-dumpable, so that code cannot ptrace it, read its memory or take its
+    descriptors with pidfd_getfd, but code can still signal or kill it. The
+    driver therefore treats every response as untrusted input.
 """
 
 from __future__ import annotations
@@ -100,10 +122,22 @@ POLL_INTERVAL_SECONDS = 0.05
 # Linux rejects a single argument longer than 128 KiB (MAX_ARG_STRLEN), so longer
 # bash code goes through a temporary script file.
 MAX_BASH_ARGUMENT_BYTES = 100_000
+# Maximum execute timeout, one day. Far longer ones overflow time_t conversions.
+MAX_TIMEOUT_SECONDS = 86400.0
 OOM_SCORE_ADJ = 500
 READ_CHUNK_BYTES = 65536
 MARKER_PREFIX = b"\x00\x00fleetvm-end:"
 BASH = "/bin/bash"
+# Linux PATH_MAX is 4096 bytes including the terminating NUL.
+MAX_PATH_BYTES = 4095
+# Error messages are cut to this length, because some quote the request.
+MAX_MESSAGE_CHARS = 8192
+# Kernel replies are a few small fields, so anything longer is not from the kernel.
+MAX_KERNEL_REPLY_BYTES = 65536
+# Shells use 126 for a command that was found but could not be started.
+START_FAILED_EXIT_CODE = 126
+# From <linux/prctl.h>.
+PR_SET_DUMPABLE = 4
 
 
 class ProtocolError(Exception):
@@ -131,18 +165,27 @@ def send_message(sock: socket.socket, message: dict) -> None:
     sock.sendall(body)
 
 
-def recv_message(sock: socket.socket) -> dict | None:
-    """Receive one message, or return None if the peer closed before sending one."""
-    header = _recv_exactly(sock, HEADER.size, eof_ok=True)
+def recv_message(
+    sock: socket.socket,
+    max_bytes: int = MAX_MESSAGE_BYTES,
+    deadline: float | None = None,
+) -> dict | None:
+    """Receive one message, or return None if the peer closed before sending one.
+
+    A message body longer than max_bytes raises ProtocolError before any of it is
+    read. With a deadline (a time.monotonic() value) the whole message must
+    arrive by then, or TimeoutError is raised, so a slow sender cannot stretch
+    the socket's timeout by sending a byte at a time.
+    """
+    header = _recv_exactly(sock, HEADER.size, eof_ok=True, deadline=deadline)
     if header is None:
         return None
     (length,) = HEADER.unpack(header)
-    if length > MAX_MESSAGE_BYTES:
+    if length > max_bytes:
         raise ProtocolError(
-            f"message of {length} bytes exceeds the maximum of "
-            f"{MAX_MESSAGE_BYTES} bytes"
+            f"message of {length} bytes exceeds the maximum of {max_bytes} bytes"
         )
-    body = _recv_exactly(sock, length, eof_ok=False)
+    body = _recv_exactly(sock, length, eof_ok=False, deadline=deadline)
     try:
         message = json.loads(body)
     except ValueError as exc:
@@ -152,11 +195,20 @@ def recv_message(sock: socket.socket) -> dict | None:
     return message
 
 
-def _recv_exactly(sock: socket.socket, size: int, eof_ok: bool) -> bytearray | None:
+def _recv_exactly(
+    sock: socket.socket, size: int, eof_ok: bool, deadline: float | None
+) -> bytearray | None:
     buffer = bytearray(size)
     view = memoryview(buffer)
     received = 0
     while received < size:
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"only {received} of {size} bytes arrived before the deadline"
+                )
+            sock.settimeout(remaining)
         count = sock.recv_into(view[received:])
         if count == 0:
             if received == 0 and eof_ok:
@@ -189,27 +241,136 @@ class CappedBuffer:
         return text
 
 
-def _discard_until_eof(fd: int) -> None:
-    # Background processes keep writing to the pipe after the command ended, and
-    # reading keeps them from failing with SIGPIPE.
-    try:
-        os.set_blocking(fd, True)
-        while os.read(fd, READ_CHUNK_BYTES):
+class PipeDrainer:
+    """One thread that reads pipes to their end and drops what it reads.
+
+    Background processes keep writing to a command's pipes after the command
+    ended, and reading keeps them from failing with SIGPIPE. One thread serves
+    every such pipe, because a thread per pipe would let background processes
+    use up the agent's share of the VM's process limit.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: list[int] = []
+        self._wake_read = -1
+        self._wake_write = -1
+        self._started = False
+
+    def add(self, fd: int) -> None:
+        """Take ownership of fd and read it until it reaches end of file."""
+        os.set_blocking(fd, False)
+        with self._lock:
+            if not self._started and not self._start():
+                # Writers to this pipe now get EPIPE, which beats blocking forever.
+                os.close(fd)
+                return
+            self._pending.append(fd)
+        try:
+            os.write(self._wake_write, b"\0")
+        except BlockingIOError:
+            # The thread has wake-ups pending already and will see this fd.
             pass
+
+    def _start(self) -> bool:
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_write, False)
+        self._started = _start_thread(self._run, "drain-output")
+        if not self._started:
+            os.close(self._wake_read)
+            os.close(self._wake_write)
+        return self._started
+
+    def _run(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self._wake_read, selectors.EVENT_READ)
+        while True:
+            for key, _ in selector.select():
+                if key.fd == self._wake_read:
+                    os.read(self._wake_read, READ_CHUNK_BYTES)
+                    self._register_pending(selector)
+                else:
+                    _discard_chunk(key.fd, selector)
+
+    def _register_pending(self, selector: selectors.BaseSelector) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for fd in pending:
+            selector.register(fd, selectors.EVENT_READ)
+
+
+def _discard_chunk(fd: int, selector: selectors.BaseSelector) -> None:
+    try:
+        chunk = os.read(fd, READ_CHUNK_BYTES)
+    except BlockingIOError:
+        return
     except OSError:
-        pass
-    finally:
+        chunk = b""
+    if not chunk:
+        selector.unregister(fd)
         os.close(fd)
 
 
-def _discard_in_background(fd: int) -> None:
-    threading.Thread(
-        target=_discard_until_eof, args=(fd,), name="discard-output", daemon=True
-    ).start()
+PIPE_DRAINER = PipeDrainer()
+
+
+def _start_thread(target, name: str, *args: object) -> bool:
+    """Start a daemon thread and return whether that worked.
+
+    Starting fails when the VM has reached its process limit, which user code
+    can cause, so callers degrade instead of letting the agent crash.
+    """
+    thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+    try:
+        thread.start()
+    except RuntimeError as exc:
+        logger.warning("cannot start thread %s: %s", name, exc)
+        return False
+    return True
+
+
+def _child_setup(user_cgroup_fd: int | None):
+    """Return the preexec_fn that moves a new child into the user code's cgroup.
+
+    The child writes "0" (itself) to that cgroup's cgroup.procs between fork and
+    exec, so it is inside before it runs any code. The descriptor was opened by
+    the driver, so cgroup v1 checks the opener's rights and not the child's.
+    """
+    if user_cgroup_fd is None:
+        return None
+
+    def join_user_cgroup() -> None:
+        try:
+            os.write(user_cgroup_fd, b"0")
+        except OSError:
+            # The cgroup is gone because the VM is being killed. The child then
+            # stays in the VM's cgroup, whose limit still applies.
+            pass
+
+    return join_user_cgroup
+
+
+def _start_failed(started: float, program: str, exc: BaseException) -> dict:
+    reason = getattr(exc, "strerror", None) or str(exc)
+    stderr = CappedBuffer(DEFAULT_OUTPUT_LIMIT)
+    stderr.append(
+        f"[fleetvm] Could not start {program}: {reason}. The VM may have reached "
+        "its process, memory or disk limit.\n".encode()
+    )
+    return _execution_result(
+        CappedBuffer(0), stderr, START_FAILED_EXIT_CODE, started, False, False
+    )
 
 
 def _shell_exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
+
+
+def _exit_status(value: object) -> int:
+    """Reduce a reported exit code to 0-255, as the kernel does for a process."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return 1
+    return value & 0xFF
 
 
 def _raise_oom_score(pid: int) -> None:
@@ -252,15 +413,21 @@ def _execution_result(
 class BashRunner:
     """Runs bash commands, each in its own process group in the home directory."""
 
-    def __init__(self, home: str, output_limit: int) -> None:
+    def __init__(
+        self, home: str, output_limit: int, user_cgroup_fd: int | None = None
+    ) -> None:
         self._home = home
         self._output_limit = output_limit
+        self._user_cgroup_fd = user_cgroup_fd
 
     def execute(self, code: str, timeout: float) -> dict:
         if "\0" in code:
             raise RequestError("invalid_request", "bash code contains a NUL character")
         started = time.monotonic()
-        argv, script_path = self._argv(code)
+        try:
+            argv, script_path = self._argv(code)
+        except OSError as exc:
+            return _start_failed(started, "bash", exc)
         try:
             return self._run(argv, started, timeout)
         finally:
@@ -268,13 +435,17 @@ class BashRunner:
                 os.unlink(script_path)
 
     def _argv(self, code: str) -> tuple[list[str], str | None]:
-        if len(code.encode("utf-8", errors="surrogatepass")) <= MAX_BASH_ARGUMENT_BYTES:
+        if len(code.encode("utf-8")) <= MAX_BASH_ARGUMENT_BYTES:
             return [BASH, "-c", code], None
         import tempfile
 
         fd, path = tempfile.mkstemp(prefix="fleetvm-", suffix=".sh")
-        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as file:
-            file.write(code)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as file:
+                file.write(code)
+        except OSError:
+            os.unlink(path)
+            raise
         return [BASH, path], path
 
     def _run(self, argv: list[str], started: float, timeout: float) -> dict:
@@ -288,11 +459,12 @@ class BashRunner:
                 stdout=stdout_write,
                 stderr=stderr_write,
                 start_new_session=True,
+                preexec_fn=_child_setup(self._user_cgroup_fd),
             )
-        except OSError:
+        except OSError as exc:
             os.close(stdout_read)
             os.close(stderr_read)
-            raise
+            return _start_failed(started, "bash", exc)
         finally:
             os.close(stdout_write)
             os.close(stderr_write)
@@ -340,7 +512,7 @@ def _pump_until_exit(
             limit = deadline + KILL_WAIT_SECONDS if timed_out else deadline
             if now >= limit:
                 # A process stuck in the kernel after SIGKILL is reaped later.
-                threading.Thread(target=process.wait, daemon=True).start()
+                _start_thread(process.wait, "reap-bash")
                 break
             wait = limit - now
             if pidfd is None:
@@ -391,7 +563,7 @@ def _drain_after_exit(buffers: dict[int, CappedBuffer], open_fds: set[int]) -> N
         if at_eof:
             os.close(fd)
         else:
-            _discard_in_background(fd)
+            PIPE_DRAINER.add(fd)
     open_fds.clear()
 
 
@@ -414,7 +586,16 @@ class MarkedStreamReader:
         self._capturing = False
         self._marker_seen = False
         self._closed = False
-        threading.Thread(target=self._read_until_eof, name=name, daemon=True).start()
+        self._name = name
+
+    def start(self) -> None:
+        """Start the reader thread, which then owns and closes the descriptor.
+
+        Raises RuntimeError when no thread can be started.
+        """
+        threading.Thread(
+            target=self._read_until_eof, name=self._name, daemon=True
+        ).start()
 
     def begin(self, marker: bytes) -> None:
         with self._condition:
@@ -478,10 +659,17 @@ class PythonKernel:
     reported once, as namespace_reset, and a new one is started in its place.
     """
 
-    def __init__(self, agent_path: str, home: str, output_limit: int) -> None:
+    def __init__(
+        self,
+        agent_path: str,
+        home: str,
+        output_limit: int,
+        user_cgroup_fd: int | None = None,
+    ) -> None:
         self._agent_path = agent_path
         self._home = home
         self._output_limit = output_limit
+        self._user_cgroup_fd = user_cgroup_fd
         self._lock = threading.Lock()
         self._process: subprocess.Popen | None = None
         self._control: socket.socket | None = None
@@ -489,10 +677,16 @@ class PythonKernel:
         self._stderr: MarkedStreamReader | None = None
 
     def start(self) -> None:
-        """Start the kernel unless one runs, so that the next request is fast."""
+        """Start the kernel unless one runs, so that the next request is fast.
+
+        A failure is only logged, because the next request tries again.
+        """
         with self._lock:
             if self._process is None:
-                self._start()
+                try:
+                    self._start()
+                except (OSError, RuntimeError) as exc:
+                    logger.warning("cannot start the Python kernel: %s", exc)
 
     def execute(self, code: str, timeout: float) -> dict:
         """Run code in the kernel and return the execution result.
@@ -503,14 +697,15 @@ class PythonKernel:
         if not self._lock.acquire(timeout=timeout):
             return _queued_too_long(started)
         try:
-            namespace_reset = self._restart_if_dead()
+            try:
+                namespace_reset = self._restart_if_dead()
+            except (OSError, RuntimeError) as exc:
+                return _start_failed(started, "the Python kernel", exc)
             result = self._run(code, started, started + timeout)
         finally:
             self._lock.release()
         if result["namespace_reset"]:
-            threading.Thread(
-                target=self.start, name="kernel-start", daemon=True
-            ).start()
+            _start_thread(self.start, "kernel-start")
         result["namespace_reset"] = result["namespace_reset"] or namespace_reset
         if namespace_reset:
             result["stderr"] = (
@@ -534,13 +729,26 @@ class PythonKernel:
         return False
 
     def _start(self) -> None:
+        """Start a kernel process and its two output readers.
+
+        Raises OSError or RuntimeError, and then leaves no process or descriptor
+        behind, when the VM has no room for another process or thread.
+        """
         parent, child = socket.socketpair()
         stdout_read, stdout_write = os.pipe()
         stderr_read, stderr_write = os.pipe()
         argv = [sys.executable, self._agent_path, "kernel"]
         argv += ["--control-fd", str(child.fileno())]
-
+        stdout = MarkedStreamReader(stdout_read, self._output_limit, "kernel-stdout")
+        stderr = MarkedStreamReader(stderr_read, self._output_limit, "kernel-stderr")
+        # Read ends that no reader thread owns yet. The readers start before the
+        # kernel, and a started reader closes its end once the write end closes.
+        unowned = [stdout_read, stderr_read]
         try:
+            stdout.start()
+            unowned.remove(stdout_read)
+            stderr.start()
+            unowned.remove(stderr_read)
             process = subprocess.Popen(
                 argv,
                 cwd=self._home,
@@ -549,11 +757,12 @@ class PythonKernel:
                 stderr=stderr_write,
                 pass_fds=(child.fileno(),),
                 start_new_session=True,
+                preexec_fn=_child_setup(self._user_cgroup_fd),
             )
-        except OSError:
+        except BaseException:
             parent.close()
-            os.close(stdout_read)
-            os.close(stderr_read)
+            for fd in unowned:
+                os.close(fd)
             raise
         finally:
             child.close()
@@ -563,9 +772,8 @@ class PythonKernel:
         _raise_oom_score(process.pid)
         self._process = process
         self._control = parent
-        limit = self._output_limit
-        self._stdout = MarkedStreamReader(stdout_read, limit, "kernel-stdout")
-        self._stderr = MarkedStreamReader(stderr_read, limit, "kernel-stderr")
+        self._stdout = stdout
+        self._stderr = stderr
         logger.info("started Python kernel %d", process.pid)
 
     def _discard(self) -> None:
@@ -610,7 +818,7 @@ class PythonKernel:
                 )
                 return None, True
         try:
-            return recv_message(self._control), timed_out
+            return recv_message(self._control, MAX_KERNEL_REPLY_BYTES), timed_out
         except (OSError, ProtocolError) as exc:
             logger.warning("lost the connection to the kernel: %s", exc)
             return None, timed_out
@@ -625,7 +833,10 @@ class PythonKernel:
             self._stdout.wait_for_marker(MARKER_WAIT_SECONDS)
         if reply.get("stderr_marker"):
             self._stderr.wait_for_marker(MARKER_WAIT_SECONDS)
-        exit_code = TIMEOUT_EXIT_CODE if timed_out else int(reply["exit_code"])
+        # User code can write to the control socket, so the reply is not trusted.
+        exit_code = (
+            TIMEOUT_EXIT_CODE if timed_out else _exit_status(reply.get("exit_code"))
+        )
         return _execution_result(
             self._stdout.finish(),
             self._stderr.finish(),
@@ -642,7 +853,7 @@ class PythonKernel:
             returncode = process.wait(KILL_WAIT_SECONDS)
         except subprocess.TimeoutExpired:
             returncode = None
-            threading.Thread(target=process.wait, daemon=True).start()
+            _start_thread(process.wait, "reap-kernel")
         self._stdout.wait_for_eof(ORPHAN_OUTPUT_WAIT_SECONDS)
         self._stderr.wait_for_eof(ORPHAN_OUTPUT_WAIT_SECONDS)
         stdout = self._stdout.finish()
@@ -692,29 +903,75 @@ def _resolve_path(home: str, path: object) -> str:
         raise RequestError("invalid_request", "path must be a non-empty string")
     if "\0" in path:
         raise RequestError("invalid_request", "path contains a NUL character")
-    return os.path.abspath(os.path.join(home, path))
+    _check_utf8(path, "path")
+    target = os.path.abspath(os.path.join(home, path))
+    size = len(target.encode("utf-8"))
+    if size > MAX_PATH_BYTES:
+        raise RequestError(
+            "invalid_request",
+            f"path is {size} bytes long as an absolute path, more than the maximum "
+            f"of {MAX_PATH_BYTES} bytes",
+        )
+    return target
+
+
+def _check_utf8(text: str, name: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError(
+            "invalid_request",
+            f"{name} is not valid Unicode: it contains a lone surrogate at "
+            f"character {exc.start}",
+        ) from None
+
+
+PERMISSION_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ETXTBSY})
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# Failures of the agent's own resources, not of the path it was given.
+AGENT_ERRNOS = frozenset({errno.ENOMEM, errno.EMFILE, errno.ENFILE})
 
 
 def _file_error(exc: OSError, action: str, path: str) -> RequestError:
-    if exc.errno == errno.ENOENT:
+    """Translate an error of a file operation on a requested path.
+
+    Every errno not listed above is caused by the path or the VM's files, such
+    as EIO from /proc/self/mem or ELOOP from a symbolic link loop, so it becomes
+    invalid_request.
+    """
+    number = exc.errno
+    if number == errno.ENOENT:
         return RequestError("not_found", f"file {path} not found")
-    if exc.errno == errno.EISDIR:
+    if number == errno.EISDIR:
         return RequestError("is_a_directory", f"{path} is a directory, not a file")
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        code = "permission_denied"
-    elif exc.errno in (errno.ENOTDIR, errno.EEXIST):
+    if number == errno.ENOTDIR:
         return RequestError(
             "invalid_request", f"{action} {path} failed: a parent is not a directory"
         )
-    elif exc.errno in (errno.ENAMETOOLONG, errno.ELOOP, errno.EINVAL):
-        code = "invalid_request"
-    else:
+    if number in PERMISSION_ERRNOS:
+        code = "permission_denied"
+    elif number in NO_SPACE_ERRNOS:
+        code = "no_space"
+    elif number in AGENT_ERRNOS:
         code = "internal_error"
-    return RequestError(code, f"{action} {path} failed: {exc.strerror}")
+    else:
+        code = "invalid_request"
+    return RequestError(code, f"{action} {path} failed: {exc.strerror or exc}")
+
+
+def _write_error(exc: OSError, path: str) -> RequestError:
+    # The parent directory exists by now, so ENOENT means that it does not
+    # allow new files, as in /proc, and not that a file is missing.
+    if exc.errno == errno.ENOENT:
+        return RequestError("invalid_request", f"writing {path} failed: {exc.strerror}")
+    return _file_error(exc, "writing", path)
 
 
 def upload_file(home: str, path: object, encoded: object) -> str:
-    """Write a base64-encoded file, creating its parent directories."""
+    """Write a base64-encoded file, creating its parent directories.
+
+    On failure the file and the directory tree stay as they were.
+    """
     target = _resolve_path(home, path)
     if not isinstance(encoded, str):
         raise RequestError("invalid_request", "content must be a base64 string")
@@ -722,13 +979,116 @@ def upload_file(home: str, path: object, encoded: object) -> str:
         content = base64.b64decode(encoded, validate=True)
     except ValueError as exc:
         raise RequestError("invalid_request", f"content is not base64: {exc}") from exc
+    created = _make_parent_directories(os.path.dirname(target))
     try:
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        with open(target, "wb") as file:
-            file.write(content)
-    except OSError as exc:
-        raise _file_error(exc, "writing", target) from exc
+        _replace_file(target, content)
+    except BaseException:
+        _remove_directories(created)
+        raise
     return target
+
+
+def _make_parent_directories(directory: str) -> list[str]:
+    """Create directory and its missing parents, and return the ones created.
+
+    A loop, because the recursion of os.makedirs exceeds Python's recursion limit
+    for a path about a thousand levels deep.
+    """
+    missing = []
+    current = directory
+    while not os.path.isdir(current):
+        missing.append(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    created: list[str] = []
+    try:
+        for path in reversed(missing):
+            _make_directory(path, directory)
+            created.append(path)
+    except RequestError:
+        _remove_directories(created)
+        raise
+    return created
+
+
+def _make_directory(path: str, requested: str) -> None:
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        # Another request may have created it since the check.
+        if not os.path.isdir(path):
+            raise RequestError(
+                "invalid_request",
+                f"creating {requested} failed: {path} exists and is not a directory",
+            ) from None
+    except OSError as exc:
+        raise _file_error(exc, "creating directory", path) from exc
+
+
+def _remove_directories(created: list[str]) -> None:
+    for path in reversed(created):
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
+
+
+def _replace_file(target: str, content: bytes) -> None:
+    """Write content to a temporary file next to target and rename it over target.
+
+    Only a regular file is replaced, and it keeps its permission bits. A symbolic
+    link at target is followed, so its destination is replaced.
+    """
+    destination = os.path.realpath(target) if os.path.islink(target) else target
+    mode = _regular_file_mode(destination, target)
+    temporary = os.path.join(
+        os.path.dirname(destination), f".fleetvm-upload-{os.urandom(8).hex()}"
+    )
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    try:
+        fd = os.open(temporary, flags, 0o666)
+    except OSError as exc:
+        raise _write_error(exc, target) from exc
+    try:
+        with os.fdopen(fd, "wb") as file:
+            if mode is not None:
+                os.fchmod(file.fileno(), mode)
+            file.write(content)
+        os.rename(temporary, destination)
+    except OSError as exc:
+        _unlink_quietly(temporary)
+        raise _write_error(exc, target) from exc
+    except BaseException:
+        _unlink_quietly(temporary)
+        raise
+
+
+def _regular_file_mode(path: str, requested: str) -> int | None:
+    """Return the permission bits of the regular file path, or None if it is missing.
+
+    Raises RequestError for anything but a regular file, such as a FIFO, which
+    would block a writer until some process opened it for reading.
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise _file_error(exc, "writing", requested) from exc
+    if stat.S_ISDIR(info.st_mode):
+        raise RequestError("is_a_directory", f"{requested} is a directory, not a file")
+    if not stat.S_ISREG(info.st_mode):
+        raise RequestError("invalid_request", f"{requested} is not a regular file")
+    return stat.S_IMODE(info.st_mode)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _check_regular_file(fd: int, path: str) -> None:
@@ -750,19 +1110,27 @@ def download_file(home: str, path: object, max_bytes: int) -> tuple[str, bytes]:
         raise _file_error(exc, "opening", target) from exc
     try:
         _check_regular_file(fd, target)
-    except RequestError:
+        content = _read_at_most(fd, max_bytes + 1, target)
+    finally:
         os.close(fd)
-        raise
-    with os.fdopen(fd, "rb") as file:
-        try:
-            content = file.read(max_bytes + 1)
-        except OSError as exc:
-            raise _file_error(exc, "reading", target) from exc
     if len(content) > max_bytes:
         raise RequestError(
             "too_large", f"{target} is larger than the maximum of {max_bytes} bytes"
         )
     return target, content
+
+
+def _read_at_most(fd: int, size: int, path: str) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        try:
+            chunk = os.read(fd, min(size - len(data), 1024 * 1024))
+        except OSError as exc:
+            raise _file_error(exc, "reading", path) from exc
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
 
 
 class Agent:
@@ -791,6 +1159,16 @@ class Agent:
             if request is None:
                 return
             self._send(conn, self.dispatch(request))
+
+    def reject_busy(self, conn: socket.socket) -> None:
+        """Respond on the accepting thread when no request thread can start."""
+        with conn:
+            conn.settimeout(1.0)
+            message = (
+                "the guest agent cannot start a thread for the request: the VM has "
+                "reached its process limit"
+            )
+            self._send(conn, _error("process_limit", message))
 
     def dispatch(self, request: dict) -> dict:
         op = request.get("op")
@@ -821,9 +1199,12 @@ class Agent:
         timeout = request.get("timeout")
         if not isinstance(code, str):
             raise RequestError("invalid_request", "code must be a string")
-        if not _is_positive_number(timeout):
+        _check_utf8(code, "code")
+        if not _is_positive_number(timeout) or timeout > MAX_TIMEOUT_SECONDS:
             raise RequestError(
-                "invalid_request", f"timeout must be a positive number, not {timeout!r}"
+                "invalid_request",
+                f"timeout must be a number of seconds above 0 and at most "
+                f"{MAX_TIMEOUT_SECONDS:g}, not {timeout!r}",
             )
         if language == "python":
             return self._kernel.execute(code, float(timeout))
@@ -857,6 +1238,8 @@ def _is_positive_number(value: object) -> bool:
 
 
 def _error(code: str, message: str) -> dict:
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 3] + "..."
     return {"ok": False, "error": code, "message": message}
 
 
@@ -962,7 +1345,7 @@ def _system_exit_code(exc: SystemExit) -> int:
     if exc.code is None:
         return 0
     if isinstance(exc.code, int):
-        return exc.code
+        return exc.code & 0xFF
     print(exc.code, file=sys.stderr)
     return 1
 
@@ -1010,8 +1393,8 @@ def _listener(args: argparse.Namespace) -> socket.socket:
 
 
 def _apply_limits(args: argparse.Namespace) -> None:
-    if args.cgroup_procs is not None:
-        with open(args.cgroup_procs, "w") as file:
+    for path in args.cgroup_procs:
+        with open(path, "w") as file:
             file.write(str(os.getpid()))
     if args.memory_limit is not None:
         import resource
@@ -1020,27 +1403,74 @@ def _apply_limits(args: argparse.Namespace) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
+def _make_undumpable() -> None:
+    """Keep processes of the same user from ptracing the agent or taking its fds.
+
+    A non-dumpable process can only be ptraced, have its memory read or its
+    descriptors taken with pidfd_getfd by a process with CAP_SYS_PTRACE in its
+    user namespace, which user code in the sandbox does not have. The flag is
+    reset when a child calls exec, so user code stays debuggable by itself.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        number = ctypes.get_errno()
+        raise OSError(
+            number, f"prctl(PR_SET_DUMPABLE, 0) failed: {os.strerror(number)}"
+        )
+
+
+def _redirect_output(log_fd: int | None) -> None:
+    # The inherited stdout and stderr are a pipe that the driver reads only
+    # while the VM starts, and only the agent has the log descriptor open.
+    if log_fd is None:
+        return
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+
+
+def _user_cgroup_fd(args: argparse.Namespace) -> int | None:
+    if args.user_cgroup_fd is None:
+        return None
+    os.set_inheritable(args.user_cgroup_fd, False)
+    return args.user_cgroup_fd
+
+
 def serve(args: argparse.Namespace) -> None:
     """Accept connections forever, one thread per connection."""
+    # First of all, while the agent has no children, which is where user code runs.
+    _make_undumpable()
+    _redirect_output(args.log_fd)
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s agent[%(process)d] %(levelname)s %(message)s",
     )
-    # Joining the memory cgroup comes first, before any child process exists.
+    # Joining the VM's cgroups comes first, before any child process exists.
     _apply_limits(args)
     home = os.path.abspath(args.home)
     os.chdir(home)
     listener = _listener(args)
+    user_cgroup_fd = _user_cgroup_fd(args)
 
-    kernel = PythonKernel(os.path.abspath(__file__), home, args.output_limit)
-    threading.Thread(target=kernel.start, name="kernel-start", daemon=True).start()
-    agent = Agent(home, kernel, BashRunner(home, args.output_limit))
+    kernel = PythonKernel(
+        os.path.abspath(__file__), home, args.output_limit, user_cgroup_fd
+    )
+    _start_thread(kernel.start, "kernel-start")
+    bash = BashRunner(home, args.output_limit, user_cgroup_fd)
+    agent = Agent(home, kernel, bash)
     logger.info("serving, home %s", home)
     while True:
-        conn, _ = listener.accept()
-        threading.Thread(
-            target=agent.handle_connection, args=(conn,), name="request", daemon=True
-        ).start()
+        try:
+            conn, _ = listener.accept()
+        except OSError as exc:
+            # EMFILE and ENOMEM are temporary, and the agent must outlive them.
+            logger.warning("accepting a connection failed: %s", exc)
+            time.sleep(POLL_INTERVAL_SECONDS)
+            continue
+        if not _start_thread(agent.handle_connection, "request", conn):
+            agent.reject_busy(conn)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -1061,7 +1491,23 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="maximum bytes kept per output stream of one command",
     )
     serve_parser.add_argument(
-        "--cgroup-procs", help="cgroup.procs file that the agent adds itself to"
+        "--cgroup-procs",
+        action="append",
+        default=[],
+        help="cgroup.procs file that the agent adds itself to; may be repeated",
+    )
+    serve_parser.add_argument(
+        "--user-cgroup-fd",
+        type=int,
+        help=(
+            "inherited descriptor of the cgroup.procs file that the kernel and "
+            "bash commands join"
+        ),
+    )
+    serve_parser.add_argument(
+        "--log-fd",
+        type=int,
+        help="inherited descriptor of the log file, which becomes stdout and stderr",
     )
     serve_parser.add_argument(
         "--memory-limit",

@@ -32,6 +32,11 @@ def build_runtime(settings: Settings) -> WorkerRuntime:
         getattr(driver, "sandbox", "n/a"),
         extra={"worker_id": settings.multinode.worker_id},
     )
+    remove_stale = getattr(driver, "remove_stale_cgroups", None)
+    if remove_stale is not None:
+        removed = remove_stale()
+        if removed:
+            logger.info("removed %d stale VM cgroups", len(removed))
     multinode = settings.multinode
     slots = CommandSlots(
         multinode.worker_id,

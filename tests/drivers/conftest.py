@@ -13,7 +13,12 @@ from pathlib import Path
 import pytest
 
 from fleetvm.drivers.base import VmSpec
-from fleetvm.drivers.process import MEMORY_CGROUP_ROOT, ProcessDriver, VmState
+from fleetvm.drivers.process import (
+    MEMORY_CGROUP_ROOT,
+    PIDS_CGROUP_ROOT,
+    ProcessDriver,
+    VmState,
+)
 from fleetvm.settings import Settings
 
 VM_ID_ENV = "FLEETVM_VM_ID"
@@ -143,15 +148,19 @@ class VmFactory:
         # A last resort if the driver's kill is broken, so that no test leaves
         # processes behind. Tests check the driver's kill on their own.
         for vm_id in self.vm_ids:
-            cgroup = MEMORY_CGROUP_ROOT / "fleetvm" / vm_id
-            for pid in processes_of_vm(vm_id) + _cgroup_members(cgroup):
+            pids = PIDS_CGROUP_ROOT / "fleetvm" / vm_id
+            # Children first, because a cgroup with children cannot be removed.
+            cgroups = [pids / "user", pids, MEMORY_CGROUP_ROOT / "fleetvm" / vm_id]
+            members = [pid for cgroup in cgroups for pid in _cgroup_members(cgroup)]
+            for pid in processes_of_vm(vm_id) + members:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            if cgroup.exists():
-                wait_for(lambda path=cgroup: not _cgroup_members(path))
-                cgroup.rmdir()
+            for cgroup in cgroups:
+                if cgroup.exists():
+                    wait_for(lambda path=cgroup: not _cgroup_members(path))
+                    cgroup.rmdir()
 
 
 @pytest.fixture

@@ -119,7 +119,10 @@ def _start_agent(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, str]:
 
 def _stop_agent(process: subprocess.Popen, marker: str) -> None:
     # The kernel and bash commands run in sessions of their own, so the agent's
-    # process group does not reach them. Their inherited marker does.
+    # process group does not reach them. Their inherited marker does. The agent
+    # itself is non-dumpable, so a test run without root cannot read its
+    # environment and kills it directly.
+    process.kill()
     for pid in _processes_with_marker(marker):
         try:
             os.kill(pid, signal.SIGKILL)
@@ -588,6 +591,25 @@ def test_download_too_large(agent):
         ),
         pytest.param({"op": "download", "path": ""}, id="empty-path"),
         pytest.param({"op": "download", "path": "a\0b"}, id="nul-path"),
+        pytest.param({"op": "download", "path": "\ud800"}, id="surrogate-path"),
+        pytest.param(
+            {"op": "upload", "path": "\udc80", "content": ""}, id="surrogate-upload"
+        ),
+        pytest.param(
+            {"op": "execute", "language": "bash", "code": "echo \ud800", "timeout": 5},
+            id="surrogate-bash",
+        ),
+        pytest.param(
+            {"op": "execute", "language": "python", "code": "'\ud800'", "timeout": 5},
+            id="surrogate-python",
+        ),
+        pytest.param(
+            {"op": "execute", "language": "python", "code": "1", "timeout": 1e300},
+            id="huge-timeout",
+        ),
+        pytest.param({"op": "download", "path": "x" * 5000}, id="long-path"),
+        pytest.param({"op": "download", "path": "/proc/self/mem"}, id="eio"),
+        pytest.param({"op": "download", "path": "x" * 300}, id="long-name"),
         pytest.param(
             {"op": "download", "path": "f", "max_bytes": -1}, id="negative-max"
         ),
@@ -635,3 +657,122 @@ def test_capped_buffer_counts_dropped_bytes():
     assert bytes(buffer.data) == b"abc"
     assert buffer.omitted == 5
     assert buffer.text("stdout").startswith("abc\n[fleetvm] 5 more bytes of stdout")
+
+
+def test_framing_max_bytes_raises():
+    left, right = socket.socketpair()
+    with left, right:
+        guest_agent.send_message(left, {"text": "x" * 100})
+        with pytest.raises(guest_agent.ProtocolError):
+            guest_agent.recv_message(right, max_bytes=50)
+
+
+def test_framing_deadline_raises():
+    left, right = socket.socketpair()
+    with left, right:
+        left.sendall(struct.pack(">I", 10) + b"{")
+        deadline = time.monotonic() + 0.2
+        with pytest.raises(TimeoutError):
+            guest_agent.recv_message(right, deadline=deadline)
+
+
+def test_upload_fifo_rejected(agent):
+    os.mkfifo(agent.home / "pipe")
+    response = agent.request({"op": "upload", "path": "pipe", "content": ""}, timeout=5)
+
+    assert response["ok"] is False
+    assert response["error"] == "invalid_request"
+    assert "not a regular file" in response["message"]
+
+
+def test_upload_deep_path(agent):
+    relative = "d/" * 1000 + "f"
+    content = base64.b64encode(b"deep").decode()
+    response = agent.request({"op": "upload", "path": relative, "content": content})
+
+    assert response["ok"] is True
+    assert (agent.home / relative).read_bytes() == b"deep"
+
+
+def test_upload_failure_removes_directories(agent):
+    path = "new/sub/" + "x" * 300
+    response = agent.request({"op": "upload", "path": path, "content": ""})
+
+    assert response["ok"] is False
+    assert response["error"] == "invalid_request"
+    assert not (agent.home / "new").exists()
+
+
+def test_upload_keeps_file_mode(agent):
+    script = agent.home / "run.sh"
+    script.write_text("old")
+    script.chmod(0o751)
+    content = base64.b64encode(b"new").decode()
+    response = agent.request({"op": "upload", "path": "run.sh", "content": content})
+
+    assert response["ok"] is True
+    assert script.read_text() == "new"
+    assert oct(script.stat().st_mode & 0o777) == "0o751"
+
+
+def test_upload_through_symlink(agent):
+    (agent.home / "target.txt").write_text("old")
+    (agent.home / "link").symlink_to("target.txt")
+    content = base64.b64encode(b"new").decode()
+    response = agent.request({"op": "upload", "path": "link", "content": content})
+
+    assert response["ok"] is True
+    assert (agent.home / "link").is_symlink()
+    assert (agent.home / "target.txt").read_text() == "new"
+
+
+def test_upload_leaves_no_temporary_file(agent):
+    content = base64.b64encode(b"x").decode()
+    agent.request({"op": "upload", "path": "a.txt", "content": content})
+
+    assert sorted(path.name for path in agent.home.iterdir()) == ["a.txt"]
+
+
+def test_download_symlink_loop(agent):
+    (agent.home / "loop").symlink_to("loop")
+    response = agent.request({"op": "download", "path": "loop"})
+
+    assert response["ok"] is False
+    assert response["error"] == "invalid_request"
+    assert str(agent.home / "loop") in response["message"]
+
+
+def test_python_huge_exit_code(agent):
+    response = agent.execute("python", "raise SystemExit(2**70 + 3)")
+
+    assert response["exit_code"] == 3
+
+
+def test_python_forged_kernel_reply(agent):
+    # User code can write to the kernel's control socket, whose descriptor
+    # number is on the kernel's command line.
+    code = (
+        "import json, os, struct\n"
+        "args = open('/proc/self/cmdline', 'rb').read().split(b'\\0')\n"
+        "fd = int(args[args.index(b'--control-fd') + 1])\n"
+        "body = json.dumps({'exit_code': 'x'}).encode()\n"
+        "os.write(fd, struct.pack('>I', len(body)) + body)\n"
+    )
+    response = agent.execute("python", code)
+
+    assert response["ok"] is True
+    assert response["exit_code"] == 1
+
+
+def test_bash_background_pipes_one_thread(agent):
+    pid = agent.request({"op": "ping"})["pid"]
+    agent.execute("bash", "true")
+    before = len(os.listdir(f"/proc/{pid}/task"))
+    for _ in range(4):
+        agent.execute("bash", "sleep 300 &")
+
+    # Request threads end just after their response, so give them a moment.
+    def added_threads() -> int:
+        return len(os.listdir(f"/proc/{pid}/task")) - before
+
+    assert _wait_for(lambda: added_threads() <= 1, timeout=2)
