@@ -287,9 +287,14 @@ def bind_api_socket(settings: Settings) -> socket.socket:
     """Bind the API's port before anything else starts, so a busy port fails fast."""
     host, port = settings.api.host, settings.api.port
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        family, _, _, _, address = infos[0]
-        listener = socket.socket(family, socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )
+        family, socktype, proto, _, address = infos[0]
+        # The protocol must be IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on
+        # accepted connections only then, and without it every keep-alive
+        # response waits about 40 ms for a delayed ACK.
+        listener = socket.socket(family, socktype, proto)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(address)
     except OSError as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from fleetvm.embedded import bind_api_socket
+from fleetvm.settings import Settings
 from tests.conftest import new_session, run
 from tests.harness import (
     Server,
@@ -147,3 +150,16 @@ def test_serve_busy_port_fails_fast(own_server: Server) -> None:
     assert f"cannot listen on 127.0.0.1:{own_server.port}" in result.stderr
     assert not Path(env["FLEETVM_DATA_DIR"], "redis.sock").exists()
     shutil.rmtree(env["FLEETVM_DATA_DIR"], ignore_errors=True)
+
+
+def test_api_socket_is_tcp_protocol(tmp_path: Path) -> None:
+    # asyncio enables TCP_NODELAY only on sockets whose protocol is TCP.
+    settings = Settings(data_dir=tmp_path, api={"port": free_port()})
+
+    listener = bind_api_socket(settings)
+
+    try:
+        assert listener.proto == socket.IPPROTO_TCP
+        assert listener.getsockname()[1] == settings.api.port
+    finally:
+        listener.close()
