@@ -21,8 +21,13 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check fleetvm tests benchmarks
 	$(BIN)/ruff check fleetvm tests benchmarks
 
+# Each run gets its own pytest base directory, removed afterwards: pytest's
+# clean-up of old runs under /tmp/pytest-of-USER can raise ResourceWarning,
+# which the suite treats as an error.
 test: lint
-	$(BIN)/python -m pytest
+	@basetemp=$$(mktemp -d /tmp/fleetvm-pytest-XXXXXX); \
+	$(BIN)/python -m pytest --basetemp=$$basetemp; status=$$?; \
+	rm -rf $$basetemp; exit $$status
 
 format: $(STAMP)
 	$(BIN)/ruff format fleetvm tests benchmarks

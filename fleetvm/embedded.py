@@ -30,8 +30,8 @@ import uvicorn
 from sqlalchemy import select
 
 from fleetvm.db.engine import Database
-from fleetvm.db.models import LIVE_STATUSES, KillReason, KillRecord, User, Vm, VmStatus
-from fleetvm.db.vms import transition
+from fleetvm.db.models import LIVE_STATUSES, KillReason, User, Vm, VmStatus
+from fleetvm.db.vms import record_kill_intent
 from fleetvm.drivers import make_driver
 from fleetvm.security import create_api_key, create_user, write_private_file
 from fleetvm.settings import Settings
@@ -222,22 +222,12 @@ def kill_local_vms(settings: Settings, database: Database) -> int:
         )
     for vm_id in vm_ids:
         with database.session() as db:
-            transition(
+            record_id = record_kill_intent(
                 db,
                 vm_id,
                 [VmStatus.SPAWNING, VmStatus.ACTIVE],
-                VmStatus.KILLING,
-                kill_reason=KillReason.SHUTDOWN,
+                KillReason.SHUTDOWN,
             )
-            vm = db.get(Vm, vm_id)
-            record = KillRecord(
-                vm_id=vm_id,
-                session_id=vm.session_id if vm else "",
-                reason=KillReason.SHUTDOWN,
-            )
-            db.add(record)
-            db.flush()
-            record_id = record.id
         manager.kill(vm_id, record_id)
     return len(vm_ids)
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -58,3 +59,17 @@ def run(client: httpx.Client, session_id: str, code: str, **extra: object) -> di
     response = client.post("/execute", json=body)
     assert response.status_code == 200, response.text
     return response.json()
+
+
+def wait_for_status(
+    client: httpx.Client, session_id: str, wanted: str, timeout: float = 30
+) -> dict:
+    """Poll the session's status until its VM is ``wanted``; return the last one."""
+    deadline = time.monotonic() + timeout
+    status: dict = {}
+    while time.monotonic() < deadline:
+        status = client.get(f"/v1/sessions/status/{session_id}").json()
+        if status["vm_status"] == wanted:
+            break
+        time.sleep(0.05)
+    return status

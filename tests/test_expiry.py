@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from datetime import datetime
 
 import httpx
 
-from tests.conftest import new_session, run
+from tests.conftest import new_session, run, wait_for_status
 from tests.harness import Server, vm_processes
-
-
-def wait_for_status(client: httpx.Client, session_id: str, wanted: str) -> dict:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        status = client.get(f"/v1/sessions/status/{session_id}").json()
-        if status["vm_status"] == wanted:
-            return status
-        time.sleep(0.05)
-    raise AssertionError(f"session {session_id} never reached {wanted}: {status}")
 
 
 def test_expiry_kills_within_a_second(server: Server, alice: httpx.Client) -> None:
@@ -29,7 +18,7 @@ def test_expiry_kills_within_a_second(server: Server, alice: httpx.Client) -> No
         alice.get(f"/v1/sessions/status/{session_id}").json()["expires_at"]
     )
 
-    wait_for_status(alice, session_id, "expired")
+    assert wait_for_status(alice, session_id, "expired")["vm_status"] == "expired"
 
     killed_at = datetime.fromisoformat(
         server.query("SELECT killed_at FROM vms WHERE id = ?", vm_id)[0][0]
@@ -46,7 +35,7 @@ def test_expiry_kills_within_a_second(server: Server, alice: httpx.Client) -> No
 def test_expired_session_spawns_fresh_vm(alice: httpx.Client) -> None:
     session_id = new_session(alice, vm_lifetime_seconds=2)
     first = run(alice, session_id, "y = 5")["vm_id"]
-    wait_for_status(alice, session_id, "expired")
+    assert wait_for_status(alice, session_id, "expired")["vm_status"] == "expired"
 
     result = run(alice, session_id, "print('y' in globals())")
 

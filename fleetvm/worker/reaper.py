@@ -16,7 +16,7 @@ from datetime import timedelta
 from sqlalchemy import func, select
 
 from fleetvm.db.models import KillReason, KillRecord, Vm, VmStatus, Worker, utcnow
-from fleetvm.db.vms import transition
+from fleetvm.db.vms import record_kill_intent
 from fleetvm.errors import FleetvmError
 from fleetvm.worker.runtime import WorkerRuntime
 
@@ -122,24 +122,11 @@ class Reaper:
 
     def _expire(self, vm_id: str) -> bool:
         with self.rt.database.session() as db:
-            won = transition(
-                db,
-                vm_id,
-                [VmStatus.ACTIVE],
-                VmStatus.KILLING,
-                kill_reason=KillReason.EXPIRY,
+            record_id = record_kill_intent(
+                db, vm_id, [VmStatus.ACTIVE], KillReason.EXPIRY
             )
-            if not won:
-                return False
-            vm = db.get(Vm, vm_id)
-            record = KillRecord(
-                vm_id=vm_id,
-                session_id=vm.session_id if vm else "",
-                reason=KillReason.EXPIRY,
-            )
-            db.add(record)
-            db.flush()
-            record_id = record.id
+        if record_id is None:
+            return False
         self.rt.vms.kill(vm_id, record_id)
         return True
 

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.conftest import new_session, run
+from tests.conftest import new_session, run, wait_for_status
 from tests.harness import vm_processes
 
 
@@ -197,13 +197,7 @@ def test_vm_that_kills_itself_is_lost(alice: httpx.Client) -> None:
         "/execute",
         json={"session_id": session_id, "command": "kill -9 -1", "language": "bash"},
     )
-    deadline = time.monotonic() + 10
-    status = {}
-    while time.monotonic() < deadline:
-        status = alice.get(f"/v1/sessions/status/{session_id}").json()
-        if status["vm_status"] == "lost":
-            break
-        time.sleep(0.1)
+    status = wait_for_status(alice, session_id, "lost", timeout=10)
     again = run(alice, session_id, "print(2)")
 
     assert suicide.status_code in (200, 409)

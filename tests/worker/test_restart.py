@@ -14,7 +14,7 @@ import pytest
 
 from fleetvm.embedded import start_embedded_redis
 from fleetvm.settings import Settings
-from tests.conftest import new_session, run
+from tests.conftest import new_session, run, wait_for_status
 from tests.harness import (
     base_env,
     fleetvm_command,
@@ -122,13 +122,7 @@ def test_kill_while_worker_down_completes(pieces: Pieces) -> None:
         assert vm_processes(vm_id)
 
         pieces.restart_worker()
-        deadline = time.monotonic() + 30
-        status = {}
-        while time.monotonic() < deadline:
-            status = client.get(f"/v1/sessions/status/{session_id}").json()
-            if status["vm_status"] == "killed":
-                break
-            time.sleep(0.1)
+        status = wait_for_status(client, session_id, "killed")
 
     assert status["vm_status"] == "killed"
     assert vm_processes(vm_id) == []
@@ -143,13 +137,7 @@ def test_expiry_while_worker_down(pieces: Pieces) -> None:
         assert vm_processes(vm_id)
 
         pieces.restart_worker()
-        deadline = time.monotonic() + 30
-        status = {}
-        while time.monotonic() < deadline:
-            status = client.get(f"/v1/sessions/status/{session_id}").json()
-            if status["vm_status"] == "expired":
-                break
-            time.sleep(0.1)
+        status = wait_for_status(client, session_id, "expired")
 
     assert status["vm_status"] == "expired"
     assert vm_processes(vm_id) == []
