@@ -44,183 +44,120 @@ driver started later finds it again through ``state.json`` and /proc.
 from __future__ import annotations
 
 import base64
-import binascii
 import fcntl
-import json
 import logging
-import math
 import os
 import pwd
-import re
-import select
 import shutil
-import signal
 import socket
-import stat
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from fleetvm.drivers.base import ExecResult, KillResult, Language, SpawnResult, VmSpec
-from fleetvm.errors import (
-    Conflict,
-    DriverError,
-    InvalidRequest,
-    PayloadTooLarge,
-    VmFileNotFound,
-    VmNotRunning,
+from fleetvm.drivers.process.agent_client import (
+    EXECUTE_RESPONSE_BYTES,
+    SMALL_RESPONSE_BYTES,
+    _agent_error,
+    _base64_length,
+    _connect,
+    _content_field,
+    _exec_result,
+    _invalid_response,
+    _listen,
+    _path_field,
+    _send_request,
 )
+from fleetvm.drivers.process.cgroups import (
+    AGENT_TASK_RESERVE,
+    CGROUP_PARENT,
+    STALE_CGROUP_LOCK_SECONDS,
+    USER_CGROUP,
+    VmCgroups,
+    _cgroup_members,
+    _cgroup_tree_has_processes,
+    _child_cgroups,
+    _create_cgroup,
+    _join_cgroup,
+    _locked_cgroup_parent,
+    _open_cgroup_parent,
+    _open_user_cgroup,
+    _remove_cgroup_tree,
+)
+from fleetvm.drivers.process.procfs import (
+    MAX_POLL_INTERVAL_SECONDS,
+    ProcessMatcher,
+    _find_processes,
+    _kill_if_matching,
+    _pid_namespace,
+    _start_time,
+)
+
+# Re-exported, because tests use it as fleetvm.drivers.process._process_status.
+from fleetvm.drivers.process.procfs import _process_status as _process_status
+from fleetvm.drivers.process.sandbox import (
+    PROBE_TIMEOUT_SECONDS,
+    SANDBOX_AGENT,
+    SANDBOX_HOME,
+    VM_ID_ENV,
+    AgentDescriptors,
+    _agent_arguments,
+    _bubblewrap_environment,
+    _bwrap_supports,
+    _credential_arguments,
+    _grant_search_permission,
+    _inherited,
+    _limit_arguments,
+    _own_user,
+    _read_bwrap_info,
+    _start_detached,
+    _system_link_arguments,
+    _vm_environment,
+)
+from fleetvm.drivers.process.state import VmState
+
+# Re-exported, because tests use it as fleetvm.drivers.process.MAX_CODE_BYTES.
+from fleetvm.drivers.process.validation import MAX_CODE_BYTES as MAX_CODE_BYTES
+from fleetvm.drivers.process.validation import (
+    VM_ID_PATTERN,
+    _check_code,
+    _check_env,
+    _check_remote_path,
+    _check_vm_id,
+    _is_positive_number,
+)
+from fleetvm.drivers.process.vm_dir import (
+    AGENT_FILE,
+    HOME_DIR,
+    LOG_FILE,
+    _append_output,
+    _open_log,
+    _populate_vm_dir,
+    _read_tail,
+    _remove_tree,
+)
+from fleetvm.errors import DriverError, InvalidRequest, PayloadTooLarge, VmNotRunning
 from fleetvm.guest import agent as guest_agent
 from fleetvm.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-VM_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
-ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-AGENT_SOURCE = Path(guest_agent.__file__)
-STATE_FILE = "state.json"
-AGENT_FILE = "agent.py"
-SOCKET_FILE = "agent.sock"
-LOG_FILE = "agent.log"
-HOME_DIR = "home"
-SANDBOX_HOME = "/home/sandbox"
-SANDBOX_AGENT = "/opt/fleetvm/agent.py"
-VM_ID_ENV = "FLEETVM_VM_ID"
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Only this module reads the cgroup roots, so that replacing them on
+# fleetvm.drivers.process, as tests do, changes every use. _vm_cgroups and
+# _cgroup_parents_locked stay here for that reason.
 MEMORY_CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 PIDS_CGROUP_ROOT = Path("/sys/fs/cgroup/pids")
-CGROUP_PARENT = "fleetvm"
-# Child of a VM's pids cgroup that VM code runs in.
-USER_CGROUP = "user"
-# Tasks of bubblewrap and the agent: 2 bubblewrap processes, the agent's main,
-# reader and drainer threads, and one thread per concurrent request.
-AGENT_TASK_RESERVE = 64
-# How long remove_stale_cgroups waits for spawns to finish creating cgroups.
-STALE_CGROUP_LOCK_SECONDS = 5.0
 PING_TIMEOUT_SECONDS = 2.0
-PROBE_TIMEOUT_SECONDS = 10.0
 FILE_TRANSFER_TIMEOUT_SECONDS = 120.0
 # The agent responds to an execute at most about 7.5 s after its timeout: 2 s for
 # SIGINT to take effect, up to 5 s for a killed kernel to exit and 0.4 s for the
 # rest of its output.
 EXECUTE_MARGIN_SECONDS = 10.0
 MAX_TIMEOUT_SECONDS = guest_agent.MAX_TIMEOUT_SECONDS
-MAX_POLL_INTERVAL_SECONDS = 0.05
-MAX_PATH_BYTES = guest_agent.MAX_PATH_BYTES
-# Largest code of one execute, in UTF-8 bytes. The request travels through the
-# broker, and the agent keeps it in the VM's memory.
-MAX_CODE_BYTES = 16 * 1024 * 1024
-# Linux rejects an argument or environment entry longer than 128 KiB
-# (MAX_ARG_STRLEN), and all of them together must fit in a quarter of the stack
-# limit, 2 MiB by default. The VM's variables get a share of that.
-MAX_ENV_ENTRY_BYTES = 128 * 1024 - 1
-MAX_ENV_BYTES = 256 * 1024
-# Bytes of output the agent keeps per stream of one command.
-OUTPUT_LIMIT_BYTES = guest_agent.DEFAULT_OUTPUT_LIMIT
-# Room for the agent's notes on a stream, such as dropped bytes or a restart.
-OUTPUT_NOTE_CHARS = 4096
-# JSON escapes a control character as \u00XX, six bytes for one byte of output.
-JSON_ESCAPE_FACTOR = 6
-# Largest response to ping and upload, and to any failed request: a path of
-# MAX_PATH_BYTES and a message, even with every character escaped.
-SMALL_RESPONSE_BYTES = 256 * 1024
-# Largest valid execute response: two full output streams with notes.
-EXECUTE_RESPONSE_BYTES = (
-    2 * (OUTPUT_LIMIT_BYTES + OUTPUT_NOTE_CHARS) * JSON_ESCAPE_FACTOR
-    + SMALL_RESPONSE_BYTES
-)
-# The agent reports exit codes from 0 to 255. The wider range accepts VMs whose
-# older agent passed a SystemExit code through unchanged.
-MIN_EXIT_CODE = -(2**31)
-MAX_EXIT_CODE = 2**31 - 1
-
-
-@dataclass(frozen=True)
-class VmState:
-    """Record in state.json that lets a later driver find the VM's processes."""
-
-    vm_id: str
-    isolation: str
-    # Host PID of the VM's top process (bwrap, or the agent without sandbox) and
-    # its start time in clock ticks after boot, which distinguishes a reused PID.
-    pid: int | None = None
-    start_time: int | None = None
-    # Inode of the VM's PID namespace, with bubblewrap only.
-    pid_namespace: int | None = None
-    # The VM's memory and pids cgroups, or None where it has none. Kill derives
-    # the paths from the VM id, so these only record what the VM got.
-    cgroup: str | None = None
-    pids_cgroup: str | None = None
-    created_at: float = 0.0
-
-    def write(self, vm_dir: Path) -> None:
-        temporary = vm_dir / (STATE_FILE + ".tmp")
-        temporary.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        os.chmod(temporary, 0o600)
-        os.replace(temporary, vm_dir / STATE_FILE)
-
-    @classmethod
-    def read(cls, vm_dir: Path) -> VmState | None:
-        """Return the VM's state, or None when state.json is missing or invalid.
-
-        Kill signals the processes that the state points to, so a file that
-        another user owns or could have written is ignored as invalid.
-        """
-        path = vm_dir / STATE_FILE
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            logger.warning("ignoring unreadable VM state %s: %s", path, exc)
-            return None
-        with os.fdopen(fd, "rb") as file:
-            info = os.fstat(file.fileno())
-            if info.st_uid != os.geteuid() or info.st_mode & 0o022:
-                logger.warning(
-                    "ignoring VM state %s: it is owned by uid %d with mode %o, but "
-                    "only the driver's user may write it",
-                    path,
-                    info.st_uid,
-                    stat.S_IMODE(info.st_mode),
-                )
-                return None
-            try:
-                return cls(**json.loads(file.read()))
-            except (OSError, ValueError, TypeError) as exc:
-                logger.warning("ignoring unreadable VM state %s: %s", path, exc)
-                return None
-
-
-@dataclass(frozen=True)
-class VmCgroups:
-    """The cgroups of one VM, each None where the host offers none."""
-
-    memory: Path | None
-    pids: Path | None
-
-    @property
-    def isolation_parts(self) -> list[str]:
-        parts = ["memcg" if self.memory is not None else "rlimit"]
-        if self.pids is not None:
-            parts.append("pids")
-        return parts
-
-
-@dataclass(frozen=True)
-class AgentDescriptors:
-    """Descriptors that a new VM's top process inherits."""
-
-    listener: int
-    log: int
-    # Write end of the pipe that receives stdout and stderr during startup.
-    output: int
-    # cgroup.procs of the pids cgroup that VM code runs in.
-    user_cgroup: int | None
 
 
 class ProcessDriver:
@@ -903,582 +840,10 @@ class ProcessDriver:
         return response
 
 
-@dataclass(frozen=True)
-class ProcessMatcher:
-    """Tests whether a host process belongs to one VM.
-
-    A process belongs to the VM if it is in the VM's PID namespace or one of its
-    cgroups, is the recorded top process, or has FLEETVM_VM_ID=<vm_id> in its
-    initial environment. Zombies never match, because they cannot run code.
-    """
-
-    environment_entry: bytes
-    pid_namespace: int | None
-    cgroup_members: frozenset[int]
-    top_pid: int | None
-    top_start_time: int | None
-
-    def matches(self, pid: int) -> bool:
-        status = _process_status(pid)
-        if status is None or status[0] == "Z":
-            return False
-        if pid in self.cgroup_members:
-            return True
-        if pid == self.top_pid and status[1] == self.top_start_time:
-            return True
-        if self.pid_namespace is not None and _pid_namespace(pid) == self.pid_namespace:
-            return True
-        return self.environment_entry in _environment_entries(pid)
-
-
-def _populate_vm_dir(
-    vm_dir: Path, credentials: tuple[int, int] | None, host_home: bool
-) -> None:
-    if host_home:
-        home = vm_dir / HOME_DIR
-        home.mkdir()
-        os.chmod(home, 0o700)
-        if credentials is not None:
-            os.chown(home, *credentials)
-    shutil.copyfile(AGENT_SOURCE, vm_dir / AGENT_FILE)
-    os.chmod(vm_dir / AGENT_FILE, 0o644)
-
-
-def _check_vm_id(vm_id: object) -> str:
-    if not isinstance(vm_id, str) or not VM_ID_PATTERN.fullmatch(vm_id):
-        printable = repr(vm_id)
-        if len(printable) > 80:
-            printable = printable[:77] + "..."
-        raise InvalidRequest(
-            f"invalid vm_id {printable}: use 1 to 64 letters, digits, '-' or '_'"
-        )
-    return vm_id
-
-
-def _check_env(env: dict[str, str]) -> None:
-    total = 0
-    for name, value in env.items():
-        if not isinstance(name, str) or not ENV_NAME_PATTERN.fullmatch(name):
-            raise InvalidRequest(
-                f"invalid environment variable name {name!r}: use letters, digits "
-                "and '_', not starting with a digit"
-            )
-        if not isinstance(value, str) or "\0" in value or not _is_unicode(value):
-            raise InvalidRequest(
-                f"invalid value of environment variable {name}: it must be a string "
-                "of valid Unicode without NUL characters"
-            )
-        size = len(name) + 1 + len(value.encode("utf-8"))
-        if size > MAX_ENV_ENTRY_BYTES:
-            raise InvalidRequest(
-                f"environment variable {name} is {size} bytes long with its name, "
-                f"more than the maximum of {MAX_ENV_ENTRY_BYTES} bytes"
-            )
-        total += size
-    if total > MAX_ENV_BYTES:
-        raise InvalidRequest(
-            f"the environment variables take {total} bytes, more than the maximum "
-            f"of {MAX_ENV_BYTES} bytes"
-        )
-
-
-def _check_remote_path(path: object) -> None:
-    if not isinstance(path, str) or not path:
-        raise InvalidRequest("path must be a non-empty string")
-    if "\0" in path:
-        raise InvalidRequest("path must not contain a NUL character")
-    if not _is_unicode(path):
-        raise InvalidRequest("path is not valid Unicode: it contains a lone surrogate")
-    size = len(path.encode("utf-8"))
-    if size > MAX_PATH_BYTES:
-        raise InvalidRequest(
-            f"path is {size} bytes long, more than the maximum of {MAX_PATH_BYTES} "
-            "bytes"
-        )
-
-
-def _check_code(code: object) -> None:
-    if not isinstance(code, str):
-        raise InvalidRequest("code must be a string")
-    try:
-        size = len(code.encode("utf-8"))
-    except UnicodeEncodeError as exc:
-        raise InvalidRequest(
-            f"code is not valid Unicode: it contains a lone surrogate at "
-            f"character {exc.start}"
-        ) from None
-    if size > MAX_CODE_BYTES:
-        raise PayloadTooLarge(
-            f"code of {size} bytes exceeds the maximum of {MAX_CODE_BYTES} bytes"
-        )
-
-
-def _is_unicode(text: str) -> bool:
-    """Return whether text encodes as UTF-8, which a lone surrogate does not."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _is_positive_number(value: object) -> bool:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    return math.isfinite(value) and value > 0
-
-
-def _agent_error(vm_id: str, response: dict, disk_mb: int) -> Exception:
-    """Return the exception for a failed request, from the agent's error code."""
-    code = response.get("error")
-    message = response.get("message")
-    if not isinstance(code, str) or not isinstance(message, str):
-        return _invalid_response(vm_id, "a request", "error or message is not text")
-    text = f"VM {vm_id}: {_printable(message)}"
-    if code == "not_found":
-        return VmFileNotFound(text)
-    if code in ("invalid_request", "is_a_directory", "permission_denied"):
-        return InvalidRequest(text)
-    if code == "too_large":
-        return PayloadTooLarge(text)
-    if code == "no_space":
-        return PayloadTooLarge(
-            f"{text}. The VM's home and /tmp hold at most {disk_mb} MiB each "
-            "(vm.disk_mb), and its files count against its memory limit."
-        )
-    if code == "process_limit":
-        return Conflict(f"{text}. End some of its processes, or kill the VM.")
-    return DriverError(text)
-
-
-def _invalid_response(vm_id: str, op: str, problem: str) -> DriverError:
-    return DriverError(
-        f"invalid response to {op} from the agent of VM {vm_id}: {problem}. VM code "
-        "may have stopped the agent"
-    )
-
-
-def _printable(message: str) -> str:
-    """Cut an agent's message to MAX_MESSAGE_CHARS and replace lone surrogates."""
-    limit = guest_agent.MAX_MESSAGE_CHARS
-    if len(message) > limit:
-        message = message[: limit - 3] + "..."
-    return message.encode("utf-8", errors="replace").decode("utf-8")
-
-
-def _exec_result(vm_id: str, response: dict) -> ExecResult:
-    limit = OUTPUT_LIMIT_BYTES + OUTPUT_NOTE_CHARS
-    exit_code = response.get("exit_code")
-    if (
-        isinstance(exit_code, bool)
-        or not isinstance(exit_code, int)
-        or not MIN_EXIT_CODE <= exit_code <= MAX_EXIT_CODE
-    ):
-        raise _invalid_response(vm_id, "execute", "exit_code is not a 32-bit integer")
-    execution_time = response.get("execution_time")
-    if isinstance(execution_time, bool) or not isinstance(execution_time, int | float):
-        raise _invalid_response(vm_id, "execute", "execution_time is not a number")
-    if not math.isfinite(execution_time) or execution_time < 0:
-        raise _invalid_response(vm_id, "execute", "execution_time is out of range")
-    timed_out = response.get("timed_out")
-    if not isinstance(timed_out, bool):
-        raise _invalid_response(vm_id, "execute", "timed_out is not a boolean")
-    return ExecResult(
-        stdout=_text_field(vm_id, "execute", response, "stdout", limit),
-        stderr=_text_field(vm_id, "execute", response, "stderr", limit),
-        exit_code=exit_code,
-        execution_time=float(execution_time),
-        timed_out=timed_out,
-    )
-
-
-def _text_field(vm_id: str, op: str, response: dict, name: str, limit: int) -> str:
-    value = response.get(name)
-    if not isinstance(value, str):
-        raise _invalid_response(vm_id, op, f"{name} is not text")
-    if len(value) > limit:
-        raise _invalid_response(
-            vm_id, op, f"{name} has {len(value)} characters, more than {limit}"
-        )
-    if not _is_unicode(value):
-        raise _invalid_response(vm_id, op, f"{name} contains a lone surrogate")
-    return value
-
-
-def _path_field(vm_id: str, op: str, response: dict) -> str:
-    return _text_field(vm_id, op, response, "path", MAX_PATH_BYTES)
-
-
-def _content_field(vm_id: str, response: dict, limit: int) -> bytes:
-    encoded = _text_field(vm_id, "download", response, "content", _base64_length(limit))
-    try:
-        content = base64.b64decode(encoded, validate=True)
-    except binascii.Error as exc:
-        problem = f"content is not base64: {exc}"
-        raise _invalid_response(vm_id, "download", problem) from exc
-    if len(content) > limit:
-        raise _invalid_response(
-            vm_id, "download", f"content of {len(content)} bytes exceeds {limit}"
-        )
-    return content
-
-
-def _base64_length(size: int) -> int:
-    return 4 * math.ceil(size / 3)
-
-
-def _send_request(sock: socket.socket, request: dict, vm_id: str) -> None:
-    try:
-        guest_agent.send_message(sock, request)
-    except guest_agent.ProtocolError as exc:
-        raise PayloadTooLarge(
-            f"the {request['op']} request for VM {vm_id} is too large: {exc}"
-        ) from exc
-
-
-def _connect(sock: socket.socket, vm_dir: Path, vm_id: str, deadline: float) -> None:
-    # A socket path is limited to 107 bytes, so the socket is reached through a
-    # descriptor of its directory.
-    try:
-        dir_fd = os.open(vm_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise VmNotRunning(f"VM {vm_id} not found on this host") from None
-    try:
-        _connect_before(sock, f"/proc/self/fd/{dir_fd}/{SOCKET_FILE}", deadline)
-    except (FileNotFoundError, ConnectionRefusedError) as exc:
-        raise VmNotRunning(f"VM {vm_id} is not running: {exc.strerror}") from exc
-    except TimeoutError as exc:
-        raise DriverError(
-            f"the agent of VM {vm_id} accepted no connection in time; its listen "
-            "queue is full or VM code stopped it"
-        ) from exc
-    finally:
-        os.close(dir_fd)
-
-
-def _connect_before(sock: socket.socket, address: str, deadline: float) -> None:
-    # A socket with a timeout is non-blocking inside, and connect on such an
-    # AF_UNIX socket fails with EAGAIN while the listen queue is full, where a
-    # blocking one would wait. So it is retried until the deadline.
-    while True:
-        try:
-            sock.connect(address)
-            return
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"connecting to {address} timed out") from None
-        time.sleep(MAX_POLL_INTERVAL_SECONDS / 5)
-
-
-@contextmanager
-def _listen(vm_dir: Path) -> Iterator[socket.socket]:
-    """Yield the agent's listening socket, closed on exit in the driver only."""
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    dir_fd = os.open(vm_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        listener.bind(f"/proc/self/fd/{dir_fd}/{SOCKET_FILE}")
-        os.chmod(vm_dir / SOCKET_FILE, 0o600)
-        listener.listen(64)
-    except OSError:
-        listener.close()
-        raise
-    finally:
-        os.close(dir_fd)
-    with listener:
-        yield listener
-
-
-def _open_log(vm_dir: Path, stack: ExitStack) -> int:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
-    fd = os.open(vm_dir / LOG_FILE, flags, 0o600)
-    stack.callback(os.close, fd)
-    return fd
-
-
-def _open_user_cgroup(pids_cgroup: Path | None, stack: ExitStack) -> int | None:
-    """Open cgroup.procs of the cgroup for VM code, for the agent's children.
-
-    The driver opens it, so the sandbox user can move its own processes in
-    without any write permission on the cgroup file system.
-    """
-    if pids_cgroup is None:
-        return None
-    path = pids_cgroup / USER_CGROUP / "cgroup.procs"
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    stack.callback(os.close, fd)
-    return fd
-
-
-def _inherited(fds: AgentDescriptors) -> tuple[int, ...]:
-    inherited = (fds.listener, fds.log)
-    if fds.user_cgroup is not None:
-        inherited += (fds.user_cgroup,)
-    return inherited
-
-
-def _agent_arguments(
-    fds: AgentDescriptors, home: str, limit_arguments: list[str]
-) -> list[str]:
-    arguments = ["serve", "--listen-fd", str(fds.listener), "--home", home]
-    arguments += ["--log-fd", str(fds.log)]
-    arguments += ["--output-limit", str(OUTPUT_LIMIT_BYTES)]
-    if fds.user_cgroup is not None:
-        arguments += ["--user-cgroup-fd", str(fds.user_cgroup)]
-    return arguments + limit_arguments
-
-
-def _bubblewrap_environment(vm_id: str) -> dict[str, str]:
-    """Build the environment of bubblewrap itself, which runs on the host.
-
-    FLEETVM_VM_ID lets kill find bubblewrap's processes when the VM has neither
-    cgroups nor state.json.
-    """
-    return {"PATH": DEFAULT_PATH, "LANG": "C.UTF-8", VM_ID_ENV: vm_id}
-
-
-def _start_detached(
-    argv: list[str],
-    env: dict[str, str],
-    output_fd: int,
-    pass_fds: tuple[int, ...],
-    credentials: tuple[int, int] | None,
-    vm_id: str,
-) -> subprocess.Popen:
-    """Start a VM's top process in a new session, with a thread that reaps it.
-
-    Its stdout and stderr are output_fd, a pipe that the driver reads only if
-    the spawn fails, and that has no reader later. A host file there would let
-    VM code fill the host's disk through bubblewrap's init process.
-    No parent-death signal or shared session ends the process with the worker.
-    NOTE: a service manager that kills the worker's whole cgroup, as systemd does
-    with its default KillMode=control-group, still ends the VMs with it.
-    """
-    process = subprocess.Popen(
-        argv,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=output_fd,
-        stderr=output_fd,
-        pass_fds=pass_fds,
-        cwd="/",
-        start_new_session=True,
-        **_credential_arguments(credentials),
-    )
-    threading.Thread(
-        target=process.wait, name=f"fleetvm-reap-{vm_id}", daemon=True
-    ).start()
-    return process
-
-
-def _credential_arguments(credentials: tuple[int, int] | None) -> dict:
-    if credentials is None:
-        return {}
-    uid, gid = credentials
-    return {"user": uid, "group": gid, "extra_groups": []}
-
-
-def _vm_environment(
-    spec: VmSpec, home: str, user: str, limit_arguments: list[str]
-) -> dict[str, str]:
-    """Build the VM's environment. None of the worker's variables are passed on."""
-    env = {
-        "HOME": home,
-        "PATH": DEFAULT_PATH,
-        "LANG": "C.UTF-8",
-        "USER": user,
-        "LOGNAME": user,
-        "SHELL": "/bin/bash",
-        "TMPDIR": "/tmp",
-    }
-    if "--memory-limit" in limit_arguments:
-        # Each malloc arena reserves 64 MiB of address space, which RLIMIT_AS
-        # counts, so a few threads would use up a small limit.
-        env["MALLOC_ARENA_MAX"] = "2"
-    env.update(spec.env)
-    env[VM_ID_ENV] = spec.vm_id
-    return env
-
-
-def _limit_arguments(cgroups: VmCgroups, memory_mb: int, sandbox: str) -> list[str]:
-    """Return the agent arguments that apply the VM's memory and process limits."""
-    arguments = []
-    if cgroups.memory is None:
-        arguments += ["--memory-limit", str(memory_mb * 1024 * 1024)]
-    if sandbox == "none":
-        # Without a sandbox the agent runs as the driver's user and joins the
-        # cgroups itself, before it starts any child process.
-        for cgroup in (cgroups.memory, cgroups.pids):
-            if cgroup is not None:
-                arguments += ["--cgroup-procs", str(cgroup / "cgroup.procs")]
-    return arguments
-
-
-def _own_user() -> str:
-    try:
-        return pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:
-        return str(os.getuid())
-
-
-def _system_link_arguments() -> list[str]:
-    """Mirror the host's /bin, /lib and similar entries, symlinks or directories."""
-    arguments: list[str] = []
-    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
-        host_path = Path("/") / name
-        if host_path.is_symlink():
-            arguments += ["--symlink", os.readlink(host_path), str(host_path)]
-        elif host_path.is_dir():
-            arguments += ["--ro-bind", str(host_path), str(host_path)]
-    return arguments
-
-
-def _bwrap_supports(bwrap: str, option: str) -> bool:
-    try:
-        completed = subprocess.run(
-            [bwrap, "--help"], capture_output=True, timeout=PROBE_TIMEOUT_SECONDS
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return option.encode() in completed.stdout + completed.stderr
-
-
-def _grant_search_permission(path: Path, uid: int, gid: int) -> None:
-    """Let uid and gid enter every directory from / down to path.
-
-    bubblewrap resolves bind sources as the sandbox user, so each directory above
-    a VM's agent.py (and home, where it is on the host) needs search permission.
-    Directories the driver's user owns get the execute bit for others, which
-    allows entering but not listing.
-    Raises DriverError for a directory of another owner.
-    """
-    for directory in reversed([path, *path.parents]):
-        info = os.stat(directory)
-        if _can_search(info, uid, gid):
-            continue
-        if info.st_uid != os.geteuid():
-            raise DriverError(
-                f"the sandbox user cannot enter {directory}, which contains the VM "
-                f"directories; run 'chmod o+x {directory}' or choose another "
-                "data_dir"
-            )
-        os.chmod(directory, stat.S_IMODE(info.st_mode) | stat.S_IXOTH)
-        logger.warning(
-            "added search permission for others to %s so that the sandbox user can "
-            "reach the VM files in %s",
-            directory,
-            path,
-        )
-
-
-def _can_search(info: os.stat_result, uid: int, gid: int) -> bool:
-    # Only the first matching class of permission bits applies.
-    if info.st_uid == uid:
-        return bool(info.st_mode & stat.S_IXUSR)
-    if info.st_gid == gid:
-        return bool(info.st_mode & stat.S_IXGRP)
-    return bool(info.st_mode & stat.S_IXOTH)
-
-
-def _read_bwrap_info(fd: int, timeout: float) -> dict:
-    """Read the JSON that bwrap writes to --info-fd and then closes."""
-    deadline = time.monotonic() + timeout
-    data = b""
-    while True:
-        remaining = deadline - time.monotonic()
-        readable, _, _ = select.select([fd], [], [], max(remaining, 0))
-        if not readable:
-            raise DriverError(
-                f"bubblewrap did not report its sandbox within {timeout:g} s"
-            )
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        data += chunk
-    if not data:
-        raise DriverError("bubblewrap exited before it started the sandbox")
-    try:
-        return json.loads(data)
-    except ValueError as exc:
-        raise DriverError(f"bubblewrap reported invalid sandbox info: {exc}") from exc
-
-
-def _join_cgroup(cgroup: Path, pids: list[int]) -> None:
-    for pid in pids:
-        (cgroup / "cgroup.procs").write_text(str(pid))
-
-
-def _cgroup_members(cgroup: Path) -> set[int]:
-    try:
-        text = (cgroup / "cgroup.procs").read_text()
-    except OSError:
-        return set()
-    return {int(line) for line in text.split()}
-
-
 def _vm_cgroups(vm_id: str) -> list[Path]:
     """Return the cgroups a VM's processes can be in, derived from its id only."""
     pids = PIDS_CGROUP_ROOT / CGROUP_PARENT / vm_id
     return [MEMORY_CGROUP_ROOT / CGROUP_PARENT / vm_id, pids, pids / USER_CGROUP]
-
-
-def _create_cgroup(path: Path) -> None:
-    path.parent.mkdir(exist_ok=True)
-    try:
-        path.mkdir()
-    except FileExistsError:
-        # Left by a VM whose kill did not finish. rmdir fails with EBUSY while
-        # the cgroup has processes.
-        for child in _child_cgroups(path):
-            child.rmdir()
-        path.rmdir()
-        path.mkdir()
-
-
-def _child_cgroups(path: Path) -> list[Path]:
-    try:
-        with os.scandir(path) as entries:
-            return [
-                Path(entry.path)
-                for entry in entries
-                if entry.is_dir(follow_symlinks=False)
-            ]
-    except FileNotFoundError:
-        return []
-
-
-def _cgroup_tree_has_processes(path: Path) -> bool:
-    try:
-        text = (path / "cgroup.procs").read_text()
-    except FileNotFoundError:
-        return False
-    except OSError:
-        # Unknown counts as busy, so the cgroup is kept.
-        return True
-    if text.strip():
-        return True
-    return any(_cgroup_tree_has_processes(child) for child in _child_cgroups(path))
-
-
-def _remove_cgroup_tree(path: Path, timeout: float = 0.0) -> bool:
-    """Remove a cgroup and its child cgroups, and return whether it is gone.
-
-    rmdir fails with EBUSY until the last process of a cgroup has exited, so
-    each rmdir is retried until timeout.
-    """
-    for child in _child_cgroups(path):
-        _remove_cgroup_tree(child, timeout)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            path.rmdir()
-            return True
-        except FileNotFoundError:
-            return True
-        except OSError as exc:
-            if time.monotonic() >= deadline:
-                logger.warning("cannot remove cgroup %s: %s", path, exc)
-                return False
-        time.sleep(MAX_POLL_INTERVAL_SECONDS)
 
 
 @contextmanager
@@ -1491,151 +856,3 @@ def _cgroup_parents_locked() -> Iterator[None]:
                 stack.callback(os.close, fd)
                 fcntl.flock(fd, fcntl.LOCK_SH)
         yield
-
-
-@contextmanager
-def _locked_cgroup_parent(parent: Path, timeout: float) -> Iterator[bool]:
-    """Hold an exclusive flock on a cgroup parent, and yield whether it was taken.
-
-    Yields False when the lock was not free within timeout, or the parent does
-    not exist.
-    """
-    fd = _open_cgroup_parent(parent, create=False)
-    if fd is None:
-        yield False
-        return
-    try:
-        yield _flock_exclusive(fd, timeout)
-    finally:
-        os.close(fd)
-
-
-def _open_cgroup_parent(parent: Path, create: bool) -> int | None:
-    """Open a cgroup parent, or return None where that hierarchy is unusable."""
-    if not parent.parent.is_dir():
-        return None
-    try:
-        if create:
-            parent.mkdir(exist_ok=True)
-        return os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return None
-
-
-def _flock_exclusive(fd: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                return False
-        time.sleep(MAX_POLL_INTERVAL_SECONDS)
-
-
-def _process_ids() -> list[int]:
-    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
-
-
-def _process_status(pid: int) -> tuple[str, int] | None:
-    """Return the state letter and start time of a process, or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as file:
-            data = file.read()
-    except OSError:
-        return None
-    # The command name in parentheses may contain spaces and parentheses.
-    fields = data[data.rindex(b")") + 2 :].split()
-    return fields[0].decode(), int(fields[19])
-
-
-def _start_time(pid: int) -> int | None:
-    status = _process_status(pid)
-    return status[1] if status else None
-
-
-def _pid_namespace(pid: int) -> int | None:
-    try:
-        return os.stat(f"/proc/{pid}/ns/pid").st_ino
-    except OSError:
-        return None
-
-
-def _environment_entries(pid: int) -> list[bytes]:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as file:
-            return file.read().split(b"\0")
-    except OSError:
-        return []
-
-
-def _find_processes(matcher: ProcessMatcher) -> list[int]:
-    own = os.getpid()
-    return [pid for pid in _process_ids() if pid != own and matcher.matches(pid)]
-
-
-def _kill_if_matching(pid: int, matcher: ProcessMatcher) -> None:
-    """Send SIGKILL to pid if it still belongs to the VM.
-
-    The pidfd pins the process, so a PID reused after the check cannot be hit.
-    """
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        if matcher.matches(pid):
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    finally:
-        os.close(pidfd)
-
-
-def _remove_tree(path: Path) -> None:
-    try:
-        shutil.rmtree(path)
-        return
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        # VM code may have removed permissions from its own directories.
-        logger.info("retrying removal of %s after restoring permissions: %s", path, exc)
-    try:
-        _make_tree_removable(path)
-        shutil.rmtree(path)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise DriverError(f"cannot remove VM directory {path}: {exc}") from exc
-
-
-def _make_tree_removable(path: Path) -> None:
-    os.chmod(path, 0o700, follow_symlinks=False)
-    with os.scandir(path) as entries:
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                _make_tree_removable(Path(entry.path))
-
-
-def _append_output(fd: int, path: Path) -> None:
-    """Append to path what bubblewrap and the agent wrote to the startup pipe."""
-    os.set_blocking(fd, False)
-    try:
-        # A pipe buffers 64 KiB by default, so one read takes everything in it.
-        data = os.read(fd, 65536)
-    except BlockingIOError:
-        return
-    with open(path, "ab") as file:
-        file.write(data)
-
-
-def _read_tail(path: Path, size: int = 2000) -> str:
-    try:
-        with open(path, "rb") as file:
-            file.seek(0, os.SEEK_END)
-            file.seek(max(file.tell() - size, 0))
-            return file.read().decode(errors="replace").strip()
-    except OSError:
-        return ""

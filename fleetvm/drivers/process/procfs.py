@@ -1,0 +1,96 @@
+"""Find, signal and confirm a VM's host processes through /proc and pidfds."""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+
+MAX_POLL_INTERVAL_SECONDS = 0.05
+
+
+@dataclass(frozen=True)
+class ProcessMatcher:
+    """Tests whether a host process belongs to one VM.
+
+    A process belongs to the VM if it is in the VM's PID namespace or one of its
+    cgroups, is the recorded top process, or has FLEETVM_VM_ID=<vm_id> in its
+    initial environment. Zombies never match, because they cannot run code.
+    """
+
+    environment_entry: bytes
+    pid_namespace: int | None
+    cgroup_members: frozenset[int]
+    top_pid: int | None
+    top_start_time: int | None
+
+    def matches(self, pid: int) -> bool:
+        status = _process_status(pid)
+        if status is None or status[0] == "Z":
+            return False
+        if pid in self.cgroup_members:
+            return True
+        if pid == self.top_pid and status[1] == self.top_start_time:
+            return True
+        if self.pid_namespace is not None and _pid_namespace(pid) == self.pid_namespace:
+            return True
+        return self.environment_entry in _environment_entries(pid)
+
+
+def _process_ids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _process_status(pid: int) -> tuple[str, int] | None:
+    """Return the state letter and start time of a process, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            data = file.read()
+    except OSError:
+        return None
+    # The command name in parentheses may contain spaces and parentheses.
+    fields = data[data.rindex(b")") + 2 :].split()
+    return fields[0].decode(), int(fields[19])
+
+
+def _start_time(pid: int) -> int | None:
+    status = _process_status(pid)
+    return status[1] if status else None
+
+
+def _pid_namespace(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def _environment_entries(pid: int) -> list[bytes]:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as file:
+            return file.read().split(b"\0")
+    except OSError:
+        return []
+
+
+def _find_processes(matcher: ProcessMatcher) -> list[int]:
+    own = os.getpid()
+    return [pid for pid in _process_ids() if pid != own and matcher.matches(pid)]
+
+
+def _kill_if_matching(pid: int, matcher: ProcessMatcher) -> None:
+    """Send SIGKILL to pid if it still belongs to the VM.
+
+    The pidfd pins the process, so a PID reused after the check cannot be hit.
+    """
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if matcher.matches(pid):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    finally:
+        os.close(pidfd)
