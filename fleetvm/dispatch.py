@@ -3,9 +3,9 @@
 Every operation on a VM travels as a Celery task to ``vm_queue_<worker_id>`` of
 the worker that owns the VM; nothing goes over HTTP between nodes. The queue is
 derived in one place (``queue_name``), and each function states whether it waits
-for the answer (``_call``) or only sends (``_cast``).
+for the result (``_call``) or only sends (``_cast``).
 
-A worker answers ``{"ok": true, ...}`` or ``{"ok": false, "error": code,
+A worker returns ``{"ok": true, ...}`` or ``{"ok": false, "error": code,
 "message": ...}``; the second is raised here as the matching
 ``fleetvm.errors`` exception.
 """
@@ -77,7 +77,7 @@ class Dispatcher:
         wait_seconds: float | None,
         redispatched: bool = False,
     ) -> dict[str, Any] | None:
-        """Send a kill; with ``wait_seconds``, return the answer or None on timeout.
+        """Send a kill; with ``wait_seconds``, return the result or None on timeout.
 
         A timeout is not a failure: the kill intent is already in the database
         and the owner carries it out when it gets to it.
@@ -129,10 +129,10 @@ class Dispatcher:
         timeout: float,
         expires: bool = True,
     ) -> dict[str, Any]:
-        """Send a task and wait up to ``timeout`` seconds for its answer.
+        """Send a task and wait up to ``timeout`` seconds for its result.
 
         With ``expires``, a worker discards the task if it reaches it after the
-        caller stopped waiting, so a command is never run for nobody.
+        caller stopped waiting, so no command runs after its caller gave up.
         """
         result = self._send(task, worker_id, kwargs, timeout if expires else None)
         try:
@@ -141,7 +141,7 @@ class Dispatcher:
             )
         except CeleryTimeoutError as exc:
             raise WorkerTimeout(
-                f"Worker {worker_id!r} did not answer {task}[{result.id}] for VM "
+                f"Worker {worker_id!r} did not respond to {task}[{result.id}] for VM "
                 f"{kwargs.get('vm_id')} within {timeout:.0f} s. It may be down or "
                 "busy; try again later."
             ) from exc

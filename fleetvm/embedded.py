@@ -105,7 +105,7 @@ def _wait_for_socket(path: Path, process: subprocess.Popen[bytes]) -> None:
             time.sleep(0.02)
     process.kill()
     raise SystemExit(
-        f"embedded Redis did not answer on {path} within "
+        f"embedded Redis did not respond on {path} within "
         f"{REDIS_START_TIMEOUT_SECONDS:.0f} s"
     )
 

@@ -192,7 +192,9 @@ class VmSettings(BaseModel):
         ),
     )
     spawn_timeout_seconds: float = Field(
-        default=20.0, gt=0, description="Time a new VM has to answer its first ping."
+        default=20.0,
+        gt=0,
+        description="Seconds a new VM has to respond to its first ping.",
     )
     reaper_interval_seconds: float = Field(
         default=0.25,

@@ -1,4 +1,4 @@
-"""Celery tasks of a worker; each answers ``{"ok": ...}`` and never raises.
+"""Celery tasks of a worker; each returns ``{"ok": ...}`` and never raises.
 
 Errors the caller should see travel back as ``{"ok": false, "error": code,
 "message": ...}`` (see ``fleetvm.dispatch``); an unexpected error is logged here,

@@ -164,5 +164,5 @@ def test_execute_sent_while_down_never_runs(pieces: Pieces) -> None:
         )
 
     assert late.status_code == 503
-    assert "did not answer" in late.json()["detail"]
+    assert "did not respond" in late.json()["detail"]
     assert check["stdout"] == "False\n"

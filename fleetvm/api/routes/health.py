@@ -18,7 +18,7 @@ router = APIRouter(tags=["health"])
 
 @router.get("/health", response_model=Health, responses={503: {"model": Health}})
 def read_health(state: State) -> JSONResponse:
-    """Return 200 when the database answers and at least one worker is live."""
+    """Return 200 when the database responds and at least one worker is live."""
     alive_since = utcnow() - timedelta(
         seconds=state.settings.multinode.dead_after_seconds
     )
