@@ -17,7 +17,7 @@ Language = Literal["python", "bash"]
 
 @dataclass(frozen=True)
 class VmSpec:
-    """What a new VM gets: its id, resources and environment variables."""
+    """Request for a new VM: its id, resources and environment variables."""
 
     vm_id: str
     memory_mb: int
@@ -57,12 +57,14 @@ class KillResult:
 class VmDriver(Protocol):
     """Operations on the VMs of one host.
 
-    Errors: ``fleetvm.errors.DriverError`` when the host or guest fails,
-    ``fleetvm.errors.VmNotRunning`` for a VM that is gone,
-    ``fleetvm.errors.VmFileNotFound`` for a missing file on download,
-    ``fleetvm.errors.InvalidRequest`` or ``PayloadTooLarge`` for a bad path,
-    code or size, and ``fleetvm.errors.Conflict`` when the VM is too busy
-    (for example at its process limit) to take the request.
+    Errors, all from ``fleetvm.errors``:
+
+    - ``DriverError`` when the host or the guest machinery fails.
+    - ``VmNotRunning`` for a VM that is gone.
+    - ``VmFileNotFound`` for a missing file on download.
+    - ``InvalidRequest`` or ``PayloadTooLarge`` for a bad path, code or size.
+    - ``Conflict`` when the VM is too busy to take the request, for example at
+      its process limit.
     """
 
     name: str
