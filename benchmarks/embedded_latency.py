@@ -43,7 +43,7 @@ def run_once(client: httpx.Client, sessions: int) -> dict[str, list[float]]:
             figures["warm execute"].append(elapsed)
         elapsed, response = timed(client, "/kill", {"session_id": session_id})
         if response.json()["outcome"] != "killed":
-            raise RuntimeError(f"unexpected kill answer {response.json()}")
+            raise RuntimeError(f"unexpected kill response {response.json()}")
         figures["kill"].append(elapsed)
     return figures
 

@@ -322,7 +322,7 @@ def serve(settings: Settings) -> None:
             data_dir,
         )
         # uvicorn handles SIGINT and SIGTERM while it runs, then restores the
-        # previous handlers and raises the signal again; no-op handlers here
+        # previous handlers and raises the signal again. No-op handlers here
         # let the shutdown below run instead of the default exit.
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, _ignore_signal)

@@ -43,7 +43,7 @@ def verify_password(password: str, password_hash: str | None) -> bool:
 
 
 def hash_api_key(key: str) -> str:
-    # API keys carry 256 random bits, so a fast hash is enough: nobody can
+    # API keys carry 256 random bits, so a fast hash is enough: no one can
     # brute-force the key from its digest, and every request can check one.
     return hashlib.sha256(key.encode()).hexdigest()
 

@@ -159,12 +159,14 @@ class VmSettings(BaseModel):
         ),
     )
     min_lifetime_seconds: int = Field(
-        default=20, gt=0, description="Shortest vm_lifetime_seconds a session may ask."
+        default=20,
+        gt=0,
+        description="Minimum vm_lifetime_seconds a session may request.",
     )
     max_lifetime_seconds: int = Field(
         default=86400,
         gt=0,
-        description="Longest vm_lifetime_seconds a session may ask.",
+        description="Maximum vm_lifetime_seconds a session may request.",
     )
     default_lifetime_seconds: int = Field(
         default=300, gt=0, description="Lifetime of a VM when the session sets none."
@@ -200,7 +202,7 @@ class VmSettings(BaseModel):
         default=0.25,
         gt=0,
         description=(
-            "Longest sleep of the expiry reaper between database checks, so a VM "
+            "Maximum sleep of the expiry reaper between database checks, so a VM "
             "dies at most this long after its expires_at (plus the kill itself)."
         ),
     )

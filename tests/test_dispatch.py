@@ -1,7 +1,7 @@
 """Dispatch sends each VM operation to the owner's queue, waiting or not.
 
 A real Celery worker on the embedded Redis consumes ``vm_queue_w1`` with
-stand-in tasks under the real task names, which answer with the queue they
+stand-in tasks under the real task names, which return the queue they
 were delivered on, so each dispatch function's target queue and mode are
 checked end to end through the broker.
 """

@@ -70,11 +70,11 @@ class VmDriver(Protocol):
     name: str
 
     def spawn(self, spec: VmSpec) -> SpawnResult:
-        """Start a VM and return once its guest agent answers."""
+        """Start a VM and return once its guest agent responds to a ping."""
         ...
 
     def is_alive(self, vm_id: str) -> bool:
-        """Return whether any process of the VM runs and its agent answers."""
+        """Return whether any process of the VM runs and its agent responds."""
         ...
 
     def execute(

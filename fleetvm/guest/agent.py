@@ -47,7 +47,7 @@ Execution
     new process group, in the home directory. Output written at the file
     descriptor level, by subprocesses for example, is captured too. Each stream
     keeps at most ``--output-limit`` bytes (1 MiB by default) and ends with a note
-    that says how many bytes were dropped.
+    that states how many bytes were dropped.
 
     The exit code is 0 on success. Python gives 1 for an uncaught exception, whose
     traceback goes to stderr, and the code of a SystemExit modulo 256, as for a

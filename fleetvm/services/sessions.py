@@ -26,11 +26,11 @@ def parse_session_id(raw: str) -> str:
     try:
         return str(uuid.UUID(raw))
     except (ValueError, AttributeError, TypeError) as exc:
-        shown = raw[:MAX_SESSION_ID_ECHO] + (
+        excerpt = raw[:MAX_SESSION_ID_ECHO] + (
             "..." if len(raw) > MAX_SESSION_ID_ECHO else ""
         )
         raise InvalidSessionId(
-            f"Invalid session_id {shown!r}: expected a UUID such as "
+            f"Invalid session_id {excerpt!r}: expected a UUID such as "
             "'0b6c7d7e-4a44-4f7e-9a55-3c1d2b7e9f10', as returned by "
             "POST /v1/sessions/session."
         ) from exc

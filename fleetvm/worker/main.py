@@ -24,7 +24,7 @@ def build_runtime(settings: Settings) -> WorkerRuntime:
     database.create_all()
     app = make_celery(settings)
     driver = make_driver(settings)
-    # The process driver probes its sandbox on first use; doing it here puts a
+    # The process driver probes its sandbox on first use. Probing here puts a
     # fallback warning at start-up and keeps the probe out of the first spawn.
     logger.info(
         "VM driver %s, sandbox %s",

@@ -23,8 +23,8 @@ from fleetvm.worker.runtime import WorkerRuntime
 logger = logging.getLogger(__name__)
 
 #: A VM left in killing this long without a kill running here is finished by
-#: the sweep: its kill task was lost (the API crashed after recording the
-#: intent, or the broker was down) or the driver failed to kill it.
+#: the sweep. Its kill task was lost, because the API crashed after recording
+#: the intent or the broker was down, or the driver failed to kill it.
 STUCK_KILL_SECONDS = 5.0
 #: How often the reaper checks that this worker's active VMs still run.
 LIVENESS_INTERVAL_SECONDS = 2.0

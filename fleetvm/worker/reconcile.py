@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 
 def reconcile(rt: WorkerRuntime) -> dict[str, int]:
-    """Adopt live VMs, finish pending kills, and remove VMs nobody owns."""
+    """Adopt live VMs, finish pending kills, and remove VMs with no live record."""
     counts = {"adopted": 0, "killed": 0, "lost": 0, "orphans": 0}
     vms = rt.vms
 

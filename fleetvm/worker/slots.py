@@ -1,6 +1,6 @@
 """Limits on the worker threads that run user code.
 
-A command holds its thread for up to its timeout, so without a bound one user
+A command occupies its thread for up to its timeout, so without a bound one user
 could occupy every thread and delay everyone's kills. Some threads are kept
 for spawns and kills, and each user gets a fixed share of the rest.
 """

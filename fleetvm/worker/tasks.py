@@ -1,8 +1,8 @@
-"""Celery tasks of a worker; each returns ``{"ok": ...}`` and never raises.
+"""Celery tasks of a worker, each returning ``{"ok": ...}`` instead of raising.
 
 Errors the caller should see travel back as ``{"ok": false, "error": code,
-"message": ...}`` (see ``fleetvm.dispatch``); an unexpected error is logged here,
-once, with its traceback.
+"message": ...}``, which ``fleetvm.dispatch`` raises again on the API side. An
+unexpected error is logged here, once, with its traceback.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def _kill_on_owner(vm_id: str, kill_record_id: int, redispatched: bool) -> dict:
     """Kill the VM here if this worker owns it, else follow the ownership setting.
 
     With ``multinode.strict_kill_ownership`` on, a kill that reached a worker
-    that does not own the VM is sent once to the owner's queue; a task that was
+    that does not own the VM is sent once to the owner's queue. A task that was
     already sent on finds its record failed instead of bouncing again.
     """
     rt = runtime()

@@ -1,6 +1,6 @@
 """Worker-side VM operations: the driver call plus its compare-and-set record.
 
-Every state change takes the VM's lock in this process and then changes the
+Every state change takes the VM's lock in this process. It then changes the
 database only if the VM is still in the expected state, so a kill that races a
 spawn, a second kill, or a redelivered task cannot act twice.
 """

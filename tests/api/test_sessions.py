@@ -93,7 +93,7 @@ def test_session_status_bad_id_is_400(alice: httpx.Client, raw: str) -> None:
 
 def test_sandboxes_filter_by_metadata(alice: httpx.Client) -> None:
     tag = uuid.uuid4().hex
-    wanted = new_session(alice, metadata={"tag": tag, "team": "a"})
+    expected = new_session(alice, metadata={"tag": tag, "team": "a"})
     new_session(alice, metadata={"tag": "other"})
 
     response = alice.get(
@@ -101,7 +101,7 @@ def test_sandboxes_filter_by_metadata(alice: httpx.Client) -> None:
     )
 
     assert response.status_code == 200
-    assert [row["session_id"] for row in response.json()] == [wanted]
+    assert [row["session_id"] for row in response.json()] == [expected]
     assert response.json()[0]["metadata"] == {"tag": tag, "team": "a"}
 
 

@@ -82,9 +82,10 @@ def list_sandboxes(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[SessionInfo]:
     """List the caller's sessions, newest first, optionally filtered by metadata."""
-    wanted = _parse_metadata_filter(metadata)
+    metadata_filter = _parse_metadata_filter(metadata)
     return [
-        SessionInfo(**row) for row in service.list_sessions(db, user, wanted, limit)
+        SessionInfo(**row)
+        for row in service.list_sessions(db, user, metadata_filter, limit)
     ]
 
 
