@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session as DbSession
 
 from fleetvm.api.state import ApiState
 from fleetvm.db.models import User
-from fleetvm.errors import NotAuthenticated
+from fleetvm.errors import NotAuthenticated, PermissionDenied
 from fleetvm.security import user_from_api_key, user_from_token
 from fleetvm.services.vms import VmService
 
@@ -45,8 +45,14 @@ def resolve_user(
     )
 
 
+# The session commits when the route function returns, before the response is
+# sent: a client that sends its next request as soon as it reads this answer
+# must find what this one wrote.
+Db = Annotated[DbSession, Depends(get_db, scope="function")]
+
+
 def get_current_user(
-    db: Annotated[DbSession, Depends(get_db)],
+    db: Db,
     state: Annotated[ApiState, Depends(get_state)],
     token: Annotated[str | None, Depends(oauth2_scheme)],
     api_key: Annotated[str | None, Depends(api_key_header)],
@@ -59,7 +65,16 @@ def get_current_user(
     return user
 
 
+def get_admin_user(user: Annotated[User, Depends(get_current_user)]) -> User:
+    if not user.is_admin:
+        raise PermissionDenied(
+            f"User {user.username!r} is not an administrator; this is for "
+            "administrators only."
+        )
+    return user
+
+
 CurrentUser = Annotated[User, Depends(get_current_user)]
-Db = Annotated[DbSession, Depends(get_db)]
+AdminUser = Annotated[User, Depends(get_admin_user)]
 Vms = Annotated[VmService, Depends(get_vm_service)]
 State = Annotated[ApiState, Depends(get_state)]
