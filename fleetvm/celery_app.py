@@ -29,6 +29,14 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        broker_transport_options={
+            "visibility_timeout": settings.broker.visibility_timeout_seconds
+        },
+        # A task that was running when the broker connection dropped finishes
+        # (a kill then really happens); its acknowledgement is lost with the
+        # connection, so the broker hands it out again, and a second run of a
+        # kill or spawn only reports what the first did.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         task_create_missing_queues=True,
         result_expires=600,
         broker_connection_retry_on_startup=True,

@@ -15,9 +15,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from amqp.exceptions import AMQPError
 from celery import Celery
+from celery.exceptions import BackendError
 from celery.exceptions import TimeoutError as CeleryTimeoutError
-from kombu.exceptions import OperationalError
+from kombu.exceptions import KombuError
+from redis.exceptions import RedisError
 
 from fleetvm.celery_app import (
     TASK_DOWNLOAD,
@@ -35,6 +38,9 @@ logger = logging.getLogger(__name__)
 #: round trip through the broker and the guest agent.
 EXECUTE_MARGIN_SECONDS = 10.0
 FILE_TIMEOUT_SECONDS = 60.0
+#: What sending a task or reading its result raises while the broker or the
+#: result backend is down or restarting.
+CONNECTION_ERRORS = (KombuError, AMQPError, RedisError, BackendError, OSError)
 
 
 class Dispatcher:
@@ -104,7 +110,7 @@ class Dispatcher:
             return self.app.send_task(
                 task, kwargs=kwargs, queue=queue_name(worker_id), expires=expires
             )
-        except OperationalError as exc:
+        except CONNECTION_ERRORS as exc:
             raise Unavailable(
                 f"Could not send {task} for VM {kwargs.get('vm_id')} to worker "
                 f"{worker_id!r}: the broker is unreachable ({exc}). Try again."
@@ -145,8 +151,22 @@ class Dispatcher:
                 f"{kwargs.get('vm_id')} within {timeout:.0f} s. It may be down or "
                 "busy; try again later."
             ) from exc
+        except CONNECTION_ERRORS as exc:
+            raise Unavailable(
+                f"Lost the answer of worker {worker_id!r} to {task}[{result.id}] for "
+                f"VM {kwargs.get('vm_id')}: the result backend is unreachable "
+                f"({exc}). Try again."
+            ) from exc
         finally:
-            result.forget()
+            _forget(result)
         if not answer.get("ok"):
             raise error_from_code(answer.get("error", ""), answer.get("message", ""))
         return answer
+
+
+def _forget(result) -> None:
+    """Drop a task's stored result; a backend that is down keeps it until expiry."""
+    try:
+        result.forget()
+    except CONNECTION_ERRORS:
+        logger.debug("could not forget result of task %s", result.id)

@@ -37,6 +37,15 @@ class DatabaseSettings(BaseModel):
         ),
     )
     echo: bool = Field(default=False, description="Log every SQL statement.")
+    pool_size: int = Field(
+        default=10,
+        gt=0,
+        description=(
+            "Connections each process keeps open to a server database, and as "
+            "many again in bursts. Every API and worker process has its own pool, "
+            "so keep their sum under the server's max_connections."
+        ),
+    )
 
 
 class BrokerSettings(BaseModel):
@@ -51,7 +60,18 @@ class BrokerSettings(BaseModel):
     result_url: str | None = Field(
         default=None,
         description=(
-            "Celery result backend URL. Empty means the broker URL when it is Redis."
+            "Celery result backend URL. Empty means the broker URL when it is "
+            "Redis, and rpc:// (answers as messages to the sender) otherwise."
+        ),
+    )
+    visibility_timeout_seconds: int = Field(
+        default=300,
+        gt=0,
+        description=(
+            "Redis only: seconds after which a task that a worker took but never "
+            "acknowledged (the worker died) is given out again. Longer than any "
+            "spawn or kill takes; shorter means a lost worker's tasks return "
+            "sooner. RabbitMQ returns them as soon as the connection drops."
         ),
     )
 

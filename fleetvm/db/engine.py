@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from fleetvm.db.models import Base
 from fleetvm.settings import Settings
+
+#: Key of the PostgreSQL advisory lock held while creating tables.
+SCHEMA_LOCK_KEY = 0x666C6565  # "flee"
 
 
 def _enable_sqlite_concurrency(dbapi_connection, connection_record) -> None:
@@ -34,8 +37,13 @@ def make_engine(settings: Settings) -> Engine:
         )
         event.listen(engine, "connect", _enable_sqlite_concurrency)
         return engine
+    pool_size = settings.database.pool_size
     return create_engine(
-        url, echo=settings.database.echo, pool_pre_ping=True, pool_size=10
+        url,
+        echo=settings.database.echo,
+        pool_pre_ping=True,
+        pool_size=pool_size,
+        max_overflow=pool_size,
     )
 
 
@@ -47,7 +55,20 @@ class Database:
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
 
     def create_all(self) -> None:
-        Base.metadata.create_all(self.engine)
+        """Create missing tables.
+
+        In a cluster every API and worker process does this at start, often at
+        the same moment; on PostgreSQL an advisory lock makes them take turns,
+        since two concurrent CREATE TABLE of one name fail.
+        """
+        if self.engine.dialect.name != "postgresql":
+            Base.metadata.create_all(self.engine)
+            return
+        with self.engine.begin() as connection:
+            connection.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY}
+            )
+            Base.metadata.create_all(connection)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

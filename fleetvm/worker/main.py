@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 
 from fleetvm.celery_app import make_celery
 from fleetvm.db.engine import Database
@@ -17,6 +19,27 @@ from fleetvm.worker.slots import CommandSlots
 from fleetvm.worker.vms import VmManager
 
 logger = logging.getLogger(__name__)
+
+
+def lock_worker_dir(settings: Settings) -> int:
+    """Take the data directory for this worker, or exit if another worker has it.
+
+    A worker removes VMs on disk that the database does not give it, so two
+    workers on one directory would kill each other's VMs. The lock is released
+    when this process exits, however it exits.
+    """
+    data_dir = settings.resolved_data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / "worker.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SystemExit(
+            f"error: another `fleetvm worker` is running on data directory "
+            f"{data_dir}; give each worker of a host its own FLEETVM_DATA_DIR."
+        ) from None
+    return fd
 
 
 def build_runtime(settings: Settings) -> WorkerRuntime:
@@ -50,6 +73,7 @@ def build_runtime(settings: Settings) -> WorkerRuntime:
 
 def run_worker(settings: Settings) -> None:
     """Reconcile this node's VMs, then consume its queue until stopped."""
+    lock_fd = lock_worker_dir(settings)
     rt = build_runtime(settings)
     runtime_module.install(rt)
     import fleetvm.worker.tasks  # noqa: F401  (registers the tasks)
@@ -82,6 +106,7 @@ def run_worker(settings: Settings) -> None:
     finally:
         reaper.stop()
         heartbeat.stop()
+        os.close(lock_fd)
         logger.info(
             "worker %s stopped; its VMs keep running for the next start to adopt",
             settings.multinode.worker_id,
