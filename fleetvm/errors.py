@@ -12,7 +12,8 @@ FleetvmError (500)
  +-- PayloadTooLarge (413)
  +-- TooManyRequests (429)
  +-- Unavailable (503)
-      +-- NoWorkerAvailable, WorkerTimeout, WorkerBusy, SpawnFailed, DriverError
+      +-- NoWorkerAvailable, WorkerDown, WorkerTimeout, WorkerBusy,
+          SpawnFailed, DriverError
 
 Driver, broker and database errors are translated into these where they are
 caught, so the API has one exception handler and routes repeat no status codes.
@@ -100,6 +101,10 @@ class Unavailable(FleetvmError):
 
 class NoWorkerAvailable(Unavailable):
     code = "no_worker_available"
+
+
+class WorkerDown(Unavailable):
+    code = "worker_down"
 
 
 class WorkerTimeout(Unavailable):

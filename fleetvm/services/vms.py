@@ -34,6 +34,7 @@ from fleetvm.errors import (
     NoWorkerAvailable,
     Unavailable,
     VmNotRunning,
+    WorkerDown,
 )
 from fleetvm.services.sessions import get_owned_session
 from fleetvm.settings import Settings
@@ -43,6 +44,24 @@ logger = logging.getLogger(__name__)
 
 def new_vm_id() -> str:
     return "vm-" + secrets.token_hex(8)
+
+
+def heartbeat_age(worker: Worker | None) -> float | None:
+    """Seconds since the worker's last heartbeat, or None if it never registered."""
+    if worker is None:
+        return None
+    return (utcnow() - worker.last_heartbeat).total_seconds()
+
+
+def worker_is_live(worker: Worker | None, settings: Settings) -> bool:
+    """Whether the worker is up and sent a heartbeat within ``dead_after_seconds``."""
+    age = heartbeat_age(worker)
+    return (
+        worker is not None
+        and worker.state == "up"
+        and age is not None
+        and age <= settings.multinode.dead_after_seconds
+    )
 
 
 def pick_worker(db: DbSession, settings: Settings) -> str:
@@ -89,8 +108,6 @@ class VmService:
         with self.database.session() as db:
             session = get_owned_session(db, user, raw_session_id)
             vm = db.get(Vm, session.current_vm_id) if session.current_vm_id else None
-            if vm is not None and vm.status == VmStatus.ACTIVE:
-                return vm
             if vm is None or vm.status in ENDED_STATUSES:
                 vm = self._assign_new_vm(db, session)
             if vm.status == VmStatus.KILLING:
@@ -98,9 +115,21 @@ class VmService:
                     f"VM {vm.id} of session {session.id} is being killed; retry once "
                     "the kill completes to get a new VM."
                 )
+            self._require_live_owner(db, vm)
 
         self.dispatcher.spawn(vm.worker_id, vm.id)
         return vm
+
+    def _require_live_owner(self, db: DbSession, vm: Vm) -> None:
+        """Fail at once, instead of after a timeout, if the VM's worker is down."""
+        worker = db.get(Worker, vm.worker_id)
+        if worker_is_live(worker, self.settings):
+            return
+        raise WorkerDown(
+            f"Worker {vm.worker_id!r}, which owns VM {vm.id} of session "
+            f"{vm.session_id}, is down ({_silence(worker)}). The VM and its state "
+            "come back with the worker; kill the session to give up on them."
+        )
 
     def _assign_new_vm(self, db: DbSession, session: Session) -> Vm:
         previous = session.current_vm_id
@@ -188,11 +217,14 @@ class VmService:
             db.add(record)
             db.flush()
             record_id = record.id
+            worker = db.get(Worker, vm.worker_id)
+            owner_live = worker_is_live(worker, self.settings)
 
+        # With its owner down, nobody would answer: queue the kill for the
+        # owner's return and say so now instead of after kill.wait_seconds.
+        wait = self.settings.kill.wait_seconds if owner_live else None
         try:
-            answer = self.dispatcher.kill(
-                vm.worker_id, vm.id, record_id, self.settings.kill.wait_seconds
-            )
+            answer = self.dispatcher.kill(vm.worker_id, vm.id, record_id, wait)
         except Unavailable as exc:
             # The intent is recorded, and the owner's reaper finishes kills
             # whose task failed or never arrived, so the kill is pending.
@@ -204,7 +236,8 @@ class VmService:
             )
             answer = None
         if answer is None:
-            return _kill_response(vm, "kill_pending", vm.worker_id)
+            message = None if owner_live else WORKER_DOWN_MESSAGE
+            return _kill_response(vm, "kill_pending", vm.worker_id, message)
         return _kill_response(vm, answer["outcome"], answer.get("worker_id"))
 
 
@@ -216,14 +249,25 @@ MESSAGES = {
         "{worker_id} has not confirmed it yet; it completes when the worker answers."
     ),
     "failed_not_owner": (
-        "Kill of VM {vm_id} of session {session_id} did not happen: it reached a "
-        "worker that does not own the VM."
+        "Kill of VM {vm_id} of session {session_id} did not happen: it reached "
+        "worker {worker_id}, which does not own the VM, and "
+        "multinode.strict_kill_ownership is off. The VM keeps running."
     ),
 }
+WORKER_DOWN_MESSAGE = (
+    "Kill of VM {vm_id} of session {session_id} is recorded, but its worker "
+    "{worker_id} is down; the kill is queued and completes when the worker comes "
+    "back."
+)
 
 
-def _kill_response(vm: Vm, outcome: str, worker_id: str | None) -> dict[str, Any]:
-    template = MESSAGES.get(outcome, "Kill of VM {vm_id} ended with outcome {outcome}.")
+def _kill_response(
+    vm: Vm, outcome: str, worker_id: str | None, template: str | None = None
+) -> dict[str, Any]:
+    if template is None:
+        template = MESSAGES.get(
+            outcome, "Kill of VM {vm_id} ended with outcome {outcome}."
+        )
     message = template.format(
         vm_id=vm.id, session_id=vm.session_id, worker_id=worker_id, outcome=outcome
     )
@@ -234,6 +278,15 @@ def _kill_response(vm: Vm, outcome: str, worker_id: str | None) -> dict[str, Any
         "outcome": outcome,
         "worker_id": worker_id,
     }
+
+
+def _silence(worker: Worker | None) -> str:
+    age = heartbeat_age(worker)
+    if worker is None or age is None:
+        return "it never registered"
+    if worker.state != "up":
+        return f"it is {worker.state}"
+    return f"no heartbeat for {age:.0f} s"
 
 
 def _is(column, value):

@@ -131,13 +131,16 @@ def _kill_on_owner(vm_id: str, kill_record_id: int, redispatched: bool) -> dict:
             return {"vm_id": vm_id, "worker_id": owner, "outcome": "kill_pending"}
         return {key: value for key, value in answer.items() if key != "ok"}
 
-    outcome = "failed_not_owner"
-    rt.vms.finish_record(kill_record_id, outcome)
+    outcome = rt.vms.finish_record(kill_record_id, "failed_not_owner")
+    if outcome == "failed_not_owner":
+        rt.vms.cancel_kill(vm_id)
     logger.error(
-        "kill of VM %s reached worker %s but its owner is %s; not killing it",
+        "kill of VM %s reached worker %s but its owner is %s; not killing it "
+        "(outcome %s)",
         vm_id,
         rt.worker_id,
         owner,
+        outcome,
         extra=extra,
     )
     return {"vm_id": vm_id, "worker_id": rt.worker_id, "outcome": outcome}

@@ -285,6 +285,28 @@ class VmManager:
             record.latency_ms = _milliseconds_between(record.requested_at, now)
         return outcome
 
+    def cancel_kill(self, vm_id: str) -> bool:
+        """Return a VM from killing to active when no kill of it is pending.
+
+        Used when a kill was refused without touching the VM, so the VM is not
+        left looking half-killed while it runs on.
+        """
+        pending = (
+            select(KillRecord.id)
+            .where(KillRecord.vm_id == vm_id, KillRecord.outcome == "pending")
+            .exists()
+        )
+        with self.database.session() as db:
+            return (
+                db.execute(
+                    update(Vm)
+                    .where(Vm.id == vm_id, Vm.status == VmStatus.KILLING, ~pending)
+                    .values(status=str(VmStatus.ACTIVE), kill_reason=None)
+                    .execution_options(synchronize_session=False)
+                ).rowcount
+                == 1
+            )
+
     def finish_pending_records(self, vm_id: str, outcome: str) -> None:
         """Complete every pending kill record of a VM whose kill another path did."""
         now = utcnow()
