@@ -32,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--worker-id", help="id of this node (letters, digits, '-', '_')"
     )
 
+    workers = commands.add_parser(
+        "workers", help="list workers with state, heartbeat age and VM counts"
+    )
+    workers.add_argument("--json", action="store_true", help="print JSON")
+
     users = commands.add_parser("users", help="manage users").add_subparsers(
         dest="action", required=True
     )
@@ -85,6 +90,47 @@ def run_account_command(args: argparse.Namespace, settings: Settings) -> None:
         print(key)
 
 
+WORKER_COLUMNS = (
+    ("worker_id", "WORKER"),
+    ("state", "STATE"),
+    ("heartbeat_age_seconds", "HEARTBEAT AGE (s)"),
+    ("active_vms", "ACTIVE"),
+    ("spawning_vms", "SPAWNING"),
+    ("killing_vms", "KILLING"),
+    ("capacity", "CAPACITY"),
+    ("host", "HOST"),
+)
+
+
+def print_workers(args: argparse.Namespace, settings: Settings) -> None:
+    import json
+
+    from fleetvm.db.engine import Database
+    from fleetvm.services.fleet import list_workers
+
+    database = Database(settings)
+    database.create_all()
+    with database.session() as db:
+        workers = list_workers(db, settings)
+    if args.json:
+        print(json.dumps(workers, default=str, indent=2))
+        return
+    if not workers:
+        print("no workers registered")
+        return
+    rows = [[str(w[key]) for key, _ in WORKER_COLUMNS] for w in workers]
+    headers = [title for _, title in WORKER_COLUMNS]
+    widths = [
+        max(len(c) for c in column) for column in zip(headers, *rows, strict=True)
+    ]
+    for row in [headers, *rows]:
+        print(
+            "  ".join(
+                cell.ljust(width) for cell, width in zip(row, widths, strict=True)
+            )
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     configure_logging()
@@ -113,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
             from fleetvm.worker.main import run_worker
 
             run_worker(settings)
+        elif args.command == "workers":
+            print_workers(args, settings)
         else:
             run_account_command(args, settings)
     except FleetvmError as exc:

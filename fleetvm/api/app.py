@@ -12,10 +12,10 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 
 from fleetvm import __version__
-from fleetvm.api.routes import auth, health, keys, kill, sessions, vms
+from fleetvm.api.routes import auth, fleet, health, keys, kill, sessions, vms
 from fleetvm.api.state import ApiState
 from fleetvm.errors import FleetvmError, NotAuthenticated
 from fleetvm.settings import Settings
@@ -69,6 +69,25 @@ async def handle_database_error(request: Request, exc: Exception) -> JSONRespons
     )
 
 
+async def handle_unstorable_value(request: Request, exc: Exception) -> JSONResponse:
+    # PostgreSQL refuses some strings that SQLite stores, such as ones with a
+    # NUL character; that is the request's fault, not the server's.
+    logger.info(
+        "%s %s: value refused by the database: %s",
+        request.method,
+        request.url.path,
+        exc,
+    )
+    return AsciiJSONResponse(
+        status_code=400,
+        content={
+            "detail": "A value in the request cannot be stored (for example, it "
+            "contains a NUL character or is too long); correct it and retry.",
+            "code": "invalid_request",
+        },
+    )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -89,6 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, handle_validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(FleetvmError, handle_fleetvm_error)  # type: ignore[arg-type]
     app.add_exception_handler(OperationalError, handle_database_error)
-    for module in (auth, sessions, vms, kill, keys, health):
+    app.add_exception_handler(DataError, handle_unstorable_value)
+    for module in (auth, sessions, vms, kill, keys, fleet, health):
         app.include_router(module.router)
     return app

@@ -184,6 +184,43 @@ class KillResponse(BaseModel):
     worker_id: str | None
 
 
+class WorkerPublic(BaseModel):
+    worker_id: str
+    queue: str
+    host: str
+    state: Literal["up", "dead", "stopped"] = Field(
+        description="'dead' means up but silent for longer than "
+        "multinode.dead_after_seconds."
+    )
+    started_at: datetime
+    last_heartbeat: datetime
+    heartbeat_age_seconds: float
+    capacity: int
+    active_vms: int
+    spawning_vms: int
+    killing_vms: int
+
+
+class KillRecordPublic(BaseModel):
+    id: int
+    vm_id: str
+    session_id: str
+    requested_by: str | None = Field(
+        description="User who asked; none for expiry and shutdown."
+    )
+    reason: str = Field(description="user, admin, expiry, worker_lost or shutdown.")
+    requested_at: datetime
+    worker_id: str | None = Field(description="Worker that carried the kill out.")
+    redispatches: int = Field(
+        description="Times the kill task was sent on to the VM's owner."
+    )
+    outcome: str = Field(
+        description="pending, killed, already_dead or failed_not_owner."
+    )
+    completed_at: datetime | None
+    latency_ms: float | None = Field(description="From the request to the outcome.")
+
+
 class UserPublic(BaseModel):
     id: int
     username: str
