@@ -421,7 +421,8 @@ def test_kill_without_cgroups_or_state(vms, driver, monkeypatch):
 
     result = driver.kill(vm_id)
 
-    assert result.processes_killed >= 4
+    assert result.was_running is True
+    assert result.processes_killed >= 1
     assert vms.processes_of_vm(vm_id, state.pid_namespace) == []
     assert process._process_status(state.pid) in (None, ("Z", state.start_time))
 

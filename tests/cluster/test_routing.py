@@ -1,0 +1,198 @@
+"""Every VM operation reaches the VM's owner worker through its queue, and
+operators can see the workers and every kill."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from tests.cluster.harness import Cluster
+from tests.conftest import new_session, run
+from tests.harness import vm_processes
+
+
+def live_session(client: httpx.Client) -> tuple[str, str]:
+    session_id = new_session(client)
+    return session_id, run(client, session_id, "print('up')")["vm_id"]
+
+
+def test_sessions_spread_over_workers_and_owner_kills(
+    cluster: Cluster, alice: httpx.Client
+) -> None:
+    vms = dict(live_session(alice) for _ in range(6))
+    owners = {cluster.owner_of(vm_id) for vm_id in vms.values()}
+    assert owners == set(cluster.worker_ids)
+
+    for session_id, vm_id in vms.items():
+        owner = cluster.owner_of(vm_id)
+        assert vm_processes(vm_id)
+        assert (cluster.data_dir(owner) / "vms" / vm_id).exists()
+        answer = alice.post("/kill", json={"session_id": session_id})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["outcome"] == "killed"
+        assert answer.json()["worker_id"] == owner
+        assert vm_processes(vm_id) == []
+        assert not (cluster.data_dir(owner) / "vms" / vm_id).exists()
+
+
+def test_state_files_and_kill_through_either_api(
+    cluster: Cluster, keys: dict[str, str]
+) -> None:
+    with (
+        cluster.client(keys["alice"], 0) as one,
+        cluster.client(keys["alice"], 1) as two,
+    ):
+        session_id = new_session(one)
+        run(one, session_id, "x = 41")
+        assert run(two, session_id, "print(x + 1)")["stdout"] == "42\n"
+        uploaded = two.post(
+            "/upload",
+            data={"session_id": session_id, "remote_path": "/tmp/a.txt"},
+            files={"file": ("a.txt", b"across nodes")},
+        )
+        assert uploaded.status_code == 200, uploaded.text
+        printed = run(one, session_id, "print(open('/tmp/a.txt').read())")
+        assert printed["stdout"] == "across nodes\n"
+        assert two.post("/kill", json={"session_id": session_id}).json()["outcome"] == (
+            "killed"
+        )
+
+
+def test_ten_concurrent_kills_end_the_session_once(
+    cluster: Cluster, keys: dict[str, str]
+) -> None:
+    with cluster.client(keys["alice"]) as client:
+        session_id, vm_id = live_session(client)
+
+    def kill(index: int) -> httpx.Response:
+        with cluster.client(keys["alice"], api=index % 2) as client:
+            return client.post("/kill", json={"session_id": session_id})
+
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        responses = list(pool.map(kill, range(10)))
+
+    assert [r.status_code for r in responses] == [200] * 10
+    outcomes = [r.json()["outcome"] for r in responses]
+    assert outcomes.count("killed") == 1, outcomes
+    assert outcomes.count("already_dead") == 9, outcomes
+    assert vm_processes(vm_id) == []
+    owner_log = cluster.log(cluster.owner_of(vm_id))
+    assert owner_log.count(f"VM {vm_id} killed") == 1
+    rows = cluster.query(
+        "SELECT outcome, count(*) FROM kill_records WHERE vm_id = :id GROUP BY 1",
+        id=vm_id,
+    )
+    assert dict(rows).get("killed") == 1
+    assert "pending" not in dict(rows)
+
+
+def test_other_user_cannot_kill(
+    cluster: Cluster, alice: httpx.Client, bob: httpx.Client
+) -> None:
+    session_id, vm_id = live_session(alice)
+
+    refused = bob.post("/kill", json={"session_id": session_id})
+
+    assert refused.status_code == 403
+    assert "detail" in refused.json()
+    assert vm_processes(vm_id)
+    assert run(alice, session_id, "print('still here')")["stdout"] == "still here\n"
+    assert (
+        cluster.query("SELECT count(*) FROM kill_records WHERE vm_id = :id", id=vm_id)[
+            0
+        ][0]
+        == 0
+    )
+    alice.post("/kill", json={"session_id": session_id})
+
+
+def test_admin_reads_kill_records(
+    cluster: Cluster, alice: httpx.Client, admin: httpx.Client
+) -> None:
+    session_id, vm_id = live_session(alice)
+    alice.post("/kill", json={"session_id": session_id})
+
+    refused = alice.get("/v1/kills", params={"session_id": session_id})
+    records = admin.get("/v1/kills", params={"session_id": session_id})
+
+    assert refused.status_code == 403
+    assert records.status_code == 200, records.text
+    [record] = records.json()
+    assert record["vm_id"] == vm_id
+    assert record["requested_by"] == "alice"
+    assert record["reason"] == "user"
+    assert record["worker_id"] == cluster.owner_of(vm_id)
+    assert record["redispatches"] == 0
+    assert record["outcome"] == "killed"
+    assert record["latency_ms"] > 0
+    assert admin.get("/v1/kills", params={"session_id": "nope"}).status_code == 400
+
+
+def test_workers_listed_with_state_and_counts(
+    cluster: Cluster, alice: httpx.Client, admin: httpx.Client
+) -> None:
+    session_id, vm_id = live_session(alice)
+    owner = cluster.owner_of(vm_id)
+
+    assert alice.get("/v1/workers").status_code == 403
+    workers = {w["worker_id"]: w for w in admin.get("/v1/workers").json()}
+    listed = {w["worker_id"]: w for w in json.loads(cluster.cli("workers", "--json"))}
+
+    alice.post("/kill", json={"session_id": session_id})
+    assert set(cluster.worker_ids) <= set(workers)
+    for worker_id in cluster.worker_ids:
+        assert workers[worker_id]["state"] == "up"
+        assert workers[worker_id]["queue"] == f"vm_queue_{worker_id}"
+        assert workers[worker_id]["heartbeat_age_seconds"] < 3
+        assert listed[worker_id]["state"] == "up"
+    assert workers[owner]["active_vms"] >= 1
+    table = cluster.cli("workers")
+    assert table.splitlines()[0].split()[:2] == ["WORKER", "STATE"]
+    assert all(worker_id in table for worker_id in cluster.worker_ids)
+
+
+def test_dead_worker_kill_pending_at_once_then_done(
+    cluster: Cluster, alice: httpx.Client, admin: httpx.Client
+) -> None:
+    session_id, vm_id = live_session(alice)
+    owner = cluster.owner_of(vm_id)
+    cluster.crash_worker(owner)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            states = {
+                w["worker_id"]: w["state"] for w in admin.get("/v1/workers").json()
+            }
+            if states[owner] == "dead":
+                break
+            time.sleep(0.2)
+        assert states[owner] == "dead"
+        refused = alice.post(
+            "/execute", json={"session_id": session_id, "command": "print(1)"}
+        )
+        assert refused.status_code == 503
+        assert refused.json()["code"] == "worker_down"
+
+        started = time.monotonic()
+        pending = alice.post("/kill", json={"session_id": session_id})
+        waited = time.monotonic() - started
+        assert pending.status_code == 200
+        assert pending.json()["outcome"] == "kill_pending"
+        assert "down" in pending.json()["message"]
+        assert waited < 2, "a kill for a dead worker should not wait for an answer"
+        assert vm_processes(vm_id)
+        other = new_session(alice)
+        assert cluster.owner_of(run(alice, other, "print(1)")["vm_id"]) != owner
+    finally:
+        cluster.restart_worker(owner)
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and vm_processes(vm_id):
+        time.sleep(0.1)
+    assert vm_processes(vm_id) == []
+    [(status,)] = cluster.query("SELECT status FROM vms WHERE id = :id", id=vm_id)
+    assert status == "killed"
+    alice.post("/kill", json={"session_id": other})
