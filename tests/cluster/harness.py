@@ -140,9 +140,11 @@ class Cluster:
         wait_healthy(self.urls[index], process, self.root / f"api-{index + 1}.log")
         self.apis[index] = process
 
-    def log(self, name: str) -> str:
+    def log(self, name: str, whole: bool = False) -> str:
+        """The log of a worker or API node; its last 4,000 characters by default."""
         path = self.root / f"{name}.log"
-        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return text if whole else text[-4000:]
 
     def cli(self, *args: str) -> str:
         result = subprocess.run(

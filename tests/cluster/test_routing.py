@@ -79,7 +79,7 @@ def test_ten_concurrent_kills_end_the_session_once(
     assert outcomes.count("killed") == 1, outcomes
     assert outcomes.count("already_dead") == 9, outcomes
     assert vm_processes(vm_id) == []
-    owner_log = cluster.log(cluster.owner_of(vm_id))
+    owner_log = cluster.log(cluster.owner_of(vm_id), whole=True)
     assert owner_log.count(f"VM {vm_id} killed") == 1
     rows = cluster.query(
         "SELECT outcome, count(*) FROM kill_records WHERE vm_id = :id GROUP BY 1",
