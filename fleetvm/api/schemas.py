@@ -151,6 +151,11 @@ class ExecuteResult(BaseModel):
     stderr: str
     exit_code: int
     execution_time: float = Field(description="Seconds the command ran in the VM.")
+    cpu_time: float | None = Field(
+        default=None,
+        description="User plus system CPU seconds the command and the child "
+        "processes it waited for used; null where the VM could not measure it.",
+    )
     timed_out: bool
     success: bool
     session_id: str
