@@ -15,7 +15,15 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 
 from fleetvm import __version__
-from fleetvm.api.routes import auth, health, keys, kill, sessions, vms
+from fleetvm.api.routes import (
+    auth,
+    executions,
+    health,
+    keys,
+    kill,
+    sessions,
+    vms,
+)
 from fleetvm.api.state import ApiState
 from fleetvm.errors import FleetvmError, NotAuthenticated
 from fleetvm.settings import Settings
@@ -89,6 +97,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, handle_validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(FleetvmError, handle_fleetvm_error)  # type: ignore[arg-type]
     app.add_exception_handler(OperationalError, handle_database_error)
-    for module in (auth, sessions, vms, kill, keys, health):
+    for module in (auth, sessions, vms, executions, kill, keys, health):
         app.include_router(module.router)
     return app
