@@ -20,7 +20,7 @@ from fleetvm.db.executions import (
     fail_overdue_executions,
     start_execution,
 )
-from fleetvm.db.models import Execution, ExecutionStatus, Vm, utcnow
+from fleetvm.db.models import Execution, ExecutionStatus, KillReason, Vm, utcnow
 from fleetvm.errors import FleetvmError
 from fleetvm.worker.runtime import WorkerRuntime
 
@@ -82,12 +82,17 @@ def _failure_message(rt: WorkerRuntime, vm_id: str, exc: FleetvmError) -> str:
     """Explain a failed command, naming the kill or expiry that ended its VM."""
     with rt.database.session() as db:
         vm = db.get(Vm, vm_id)
-    if vm is not None and vm.kill_reason is not None:
+    if vm is None or vm.kill_reason is None:
+        return exc.message
+    if vm.kill_reason == KillReason.EXPIRY:
         return (
-            f"VM {vm_id} was {vm.status} (reason {vm.kill_reason}) before the "
-            f"command finished: {exc.message}"
+            f"VM {vm_id} reached the end of its lifetime and was killed before "
+            f"the command finished: {exc.message}"
         )
-    return exc.message
+    return (
+        f"VM {vm_id} was killed (reason {vm.kill_reason}) before the command "
+        f"finished: {exc.message}"
+    )
 
 
 def fail_lost_executions(rt: WorkerRuntime) -> list[str]:
