@@ -240,7 +240,8 @@ class ExecutionSettings(BaseModel):
         description=(
             "Seconds allowed beyond the start timeout plus the command's own "
             "timeout before a started execution with no result ends failed, for "
-            "the guest agent, the broker and the database write."
+            "the guest agent, the broker and the database write. Keep it above "
+            "the 10 s that the process driver waits beyond a command's timeout."
         ),
     )
 

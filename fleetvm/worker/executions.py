@@ -10,7 +10,7 @@ reaper of its worker and every read of it enforce.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import select
 
@@ -21,6 +21,7 @@ from fleetvm.db.executions import (
     start_execution,
 )
 from fleetvm.db.models import Execution, ExecutionStatus, KillReason, Vm, utcnow
+from fleetvm.drivers.base import Language
 from fleetvm.errors import FleetvmError
 from fleetvm.worker.runtime import WorkerRuntime
 
@@ -40,7 +41,7 @@ def run_execution(
     with rt.database.session() as db:
         started = start_execution(db, execution_id, utcnow())
     if not started:
-        # Its start deadline passed, or a redelivered task found it finished.
+        # Its start deadline passed, or a deadline check already marked it failed.
         logger.info(
             "execution %s is no longer queued; not running it",
             execution_id,
@@ -49,7 +50,7 @@ def run_execution(
         return {"execution_id": execution_id, "status": "skipped"}
 
     try:
-        result = rt.vms.execute(vm_id, language, code, timeout)  # type: ignore[arg-type]
+        result = rt.vms.execute(vm_id, cast(Language, language), code, timeout)
     except FleetvmError as exc:
         error = _failure_message(rt, vm_id, exc)
         with rt.database.session() as db:

@@ -146,8 +146,8 @@ def _kill_on_owner(vm_id: str, kill_record_id: int, redispatched: bool) -> dict:
 
 
 # The task is acknowledged on receipt, like execute, so a dying worker loses it
-# instead of running the code twice. The result goes to the executions table, which the
-# API reads, so nothing is stored in the result backend.
+# instead of running the code twice. The result goes to the executions table,
+# which the API reads, so nothing is stored in the result backend.
 @shared_task(name=TASK_EXECUTE_ASYNC, acks_late=False, ignore_result=True)
 def execute_async(
     execution_id: str, vm_id: str, language: str, code: str, timeout: float
