@@ -15,6 +15,7 @@ TASK_EXECUTE = "fleetvm.execute"
 TASK_UPLOAD = "fleetvm.upload"
 TASK_DOWNLOAD = "fleetvm.download"
 TASK_KILL = "fleetvm.kill_vm"
+TASK_EXECUTE_ASYNC = "fleetvm.execute_async"
 
 
 def make_celery(settings: Settings) -> Celery:

@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 from fleetvm.celery_app import (
     TASK_DOWNLOAD,
     TASK_EXECUTE,
+    TASK_EXECUTE_ASYNC,
     TASK_KILL,
     TASK_SPAWN,
     TASK_UPLOAD,
@@ -63,6 +64,39 @@ class Dispatcher:
         return self._call(
             TASK_EXECUTE, worker_id, kwargs, timeout + EXECUTE_MARGIN_SECONDS
         )
+
+    def execute_async(
+        self,
+        worker_id: str,
+        execution_id: str,
+        vm_id: str,
+        language: str,
+        code: str,
+        timeout: float,
+        start_timeout: float,
+    ) -> str:
+        """Send an execution without waiting and return the Celery task id.
+
+        The worker writes the result to the execution's row. It discards the
+        task if it reaches it more than ``start_timeout`` seconds after sending.
+        """
+        kwargs = {
+            "execution_id": execution_id,
+            "vm_id": vm_id,
+            "language": language,
+            "code": code,
+            "timeout": timeout,
+        }
+        result = self._send(TASK_EXECUTE_ASYNC, worker_id, kwargs, start_timeout)
+        logger.info(
+            "sent %s[%s] for execution %s to worker %s",
+            TASK_EXECUTE_ASYNC,
+            result.id,
+            execution_id,
+            worker_id,
+            extra={"vm_id": vm_id, "worker_id": worker_id},
+        )
+        return result.id
 
     def upload(
         self, worker_id: str, vm_id: str, remote_path: str, content_b64: str

@@ -2,11 +2,12 @@
 
 FleetvmError (500)
  +-- InvalidRequest (400)
- |    +-- InvalidSessionId (400)
+ |    +-- InvalidSessionId, InvalidExecutionId (400)
  +-- NotAuthenticated (401)
  +-- PermissionDenied (403)
  +-- NotFound (404)
- |    +-- SessionNotFound, NoVmAssigned, VmFileNotFound, ApiKeyNotFound
+ |    +-- SessionNotFound, NoVmAssigned, VmFileNotFound, ApiKeyNotFound,
+ |         ExecutionNotFound
  +-- Conflict (409)
  |    +-- VmNotRunning, AlreadyExists
  +-- PayloadTooLarge (413)
@@ -40,6 +41,10 @@ class InvalidSessionId(InvalidRequest):
     code = "invalid_session_id"
 
 
+class InvalidExecutionId(InvalidRequest):
+    code = "invalid_execution_id"
+
+
 class NotAuthenticated(FleetvmError):
     status_code = 401
     code = "not_authenticated"
@@ -69,6 +74,10 @@ class VmFileNotFound(NotFound):
 
 class ApiKeyNotFound(NotFound):
     code = "api_key_not_found"
+
+
+class ExecutionNotFound(NotFound):
+    code = "execution_not_found"
 
 
 class Conflict(FleetvmError):
@@ -147,6 +156,8 @@ ERRORS_BY_CODE: dict[str, type[FleetvmError]] = {
         WorkerBusy,
         SpawnFailed,
         DriverError,
+        InvalidExecutionId,
+        ExecutionNotFound,
     )
 }
 

@@ -244,6 +244,28 @@ class KillSettings(BaseModel):
     )
 
 
+class ExecutionSettings(BaseModel):
+    start_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "Maximum seconds an execution from POST /execute_async waits in its "
+            "worker's queue. One that has not started by then is discarded and "
+            "ends failed. Raise it if workers are often busy for longer."
+        ),
+    )
+    result_margin_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description=(
+            "Seconds allowed beyond the start timeout plus the command's own "
+            "timeout before a started execution with no result ends failed, for "
+            "the guest agent, the broker and the database write. Keep it above "
+            "the 10 s that the process driver waits beyond a command's timeout."
+        ),
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="FLEETVM_",
@@ -262,6 +284,7 @@ class Settings(BaseSettings):
     multinode: MultinodeSettings = MultinodeSettings()
     vm: VmSettings = VmSettings()
     kill: KillSettings = KillSettings()
+    execution: ExecutionSettings = ExecutionSettings()
 
     @field_validator("multinode")
     @classmethod

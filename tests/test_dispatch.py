@@ -20,6 +20,7 @@ from celery.contrib.testing.worker import start_worker
 from fleetvm.celery_app import (
     TASK_DOWNLOAD,
     TASK_EXECUTE,
+    TASK_EXECUTE_ASYNC,
     TASK_KILL,
     TASK_SPAWN,
     TASK_UPLOAD,
@@ -32,15 +33,18 @@ from fleetvm.settings import Settings
 from tests.harness import short_data_dir, stop_process
 
 received: list[tuple[str, str, dict]] = []
+expirations: list[str | None] = []
 received_event = threading.Event()
 
 
 def register_echo_tasks(app: Celery) -> None:
-    for name in (TASK_SPAWN, TASK_EXECUTE, TASK_UPLOAD, TASK_DOWNLOAD, TASK_KILL):
+    names = (TASK_SPAWN, TASK_EXECUTE, TASK_UPLOAD, TASK_DOWNLOAD, TASK_KILL)
+    for name in (*names, TASK_EXECUTE_ASYNC):
 
         def echo(self, _name: str = name, **kwargs: object) -> dict:
             queue = self.request.delivery_info["routing_key"]
             received.append((_name, queue, kwargs))
+            expirations.append(self.request.expires)
             received_event.set()
             if kwargs.get("vm_id") == "vm-gone":
                 return {"ok": False, "error": "vm_not_running", "message": "gone"}
@@ -128,3 +132,26 @@ def test_dispatch_kill_timeout_is_pending(dispatcher) -> None:
     answer = dispatcher.kill("nobody", "vm-4", 11, wait_seconds=0.5)
 
     assert answer is None
+
+
+def test_dispatch_execute_async_only_sends(dispatcher) -> None:
+    received.clear()
+    received_event.clear()
+    expirations.clear()
+
+    task_id = dispatcher.execute_async(
+        "w1", "execution-1", "vm-5", "bash", "echo hi", 30, start_timeout=60
+    )
+
+    assert task_id
+    assert received_event.wait(10)
+    name, queue, kwargs = received[0]
+    assert (name, queue) == (TASK_EXECUTE_ASYNC, "vm_queue_w1")
+    assert kwargs == {
+        "execution_id": "execution-1",
+        "vm_id": "vm-5",
+        "language": "bash",
+        "code": "echo hi",
+        "timeout": 30,
+    }
+    assert expirations[0] is not None

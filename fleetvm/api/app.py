@@ -15,7 +15,16 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, OperationalError
 
 from fleetvm import __version__
-from fleetvm.api.routes import auth, fleet, health, keys, kill, sessions, vms
+from fleetvm.api.routes import (
+    auth,
+    executions,
+    fleet,
+    health,
+    keys,
+    kill,
+    sessions,
+    vms,
+)
 from fleetvm.api.state import ApiState
 from fleetvm.errors import FleetvmError, NotAuthenticated
 from fleetvm.settings import Settings
@@ -109,6 +118,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(FleetvmError, handle_fleetvm_error)  # type: ignore[arg-type]
     app.add_exception_handler(OperationalError, handle_database_error)
     app.add_exception_handler(DataError, handle_unstorable_value)
-    for module in (auth, sessions, vms, kill, keys, fleet, health):
+    for module in (auth, sessions, vms, executions, kill, keys, fleet, health):
         app.include_router(module.router)
     return app

@@ -151,6 +151,11 @@ class ExecuteResult(BaseModel):
     stderr: str
     exit_code: int
     execution_time: float = Field(description="Seconds the command ran in the VM.")
+    cpu_time: float | None = Field(
+        default=None,
+        description="User plus system CPU seconds the command and the child "
+        "processes it waited for used; null where the VM could not measure it.",
+    )
     timed_out: bool
     success: bool
     session_id: str
@@ -256,3 +261,48 @@ class Health(BaseModel):
     status: Literal["ok", "degraded"]
     database: bool
     live_workers: int
+
+
+class ExecutionSubmitted(BaseModel):
+    task_id: str = Field(description="Id to read the result from GET /v1/executions.")
+    status: Literal["queued", "running", "completed", "failed"]
+    session_id: str
+    vm_id: str
+    worker_id: str
+    created_at: datetime
+
+
+class ExecutionResult(BaseModel):
+    task_id: str
+    status: Literal["queued", "running", "completed", "failed"] = Field(
+        description="completed when the command ran, whatever its exit code. "
+        "failed when no result can come, and error then says why."
+    )
+    is_complete: bool = Field(description="True once the status is final.")
+    success: bool = Field(
+        description="True if the command completed with exit code 0 in time."
+    )
+    serialized_stdout: str = Field(
+        description="Standard output as plain text, empty until complete."
+    )
+    serialized_stderr: str = Field(
+        description="Standard error as plain text, empty until complete. For a "
+        "failed execution it ends with a '[fleetvm]' line that repeats error."
+    )
+    exit_code: int | None
+    timed_out: bool | None
+    execution_time: float | None = Field(
+        description="Seconds the command ran in the VM."
+    )
+    cpu_time: float | None = Field(
+        description="User plus system CPU seconds the command and the child "
+        "processes it waited for used; null where the VM could not measure it."
+    )
+    error: str | None = Field(description="Why a failed execution has no result.")
+    language: str
+    session_id: str
+    vm_id: str
+    worker_id: str
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None

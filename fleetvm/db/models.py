@@ -13,6 +13,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     String,
     TypeDecorator,
 )
@@ -156,3 +157,62 @@ class KillRecord(Base):
     outcome: Mapped[str] = mapped_column(String(32), default="pending")
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     latency_ms: Mapped[float | None] = mapped_column(Float)
+
+
+class OutputText(TypeDecorator[str]):
+    """Command output, stored as UTF-8 bytes.
+
+    Output may contain NUL characters, which a PostgreSQL text column rejects.
+    """
+
+    impl = LargeBinary
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Any) -> Any:
+        return None if value is None else value.encode("utf-8")
+
+    def process_result_value(self, value: bytes | None, dialect: Any) -> Any:
+        return None if value is None else bytes(value).decode("utf-8")
+
+
+class ExecutionStatus(enum.StrEnum):
+    #: Recorded and sent to the worker, which has not started it yet.
+    QUEUED = "queued"
+    RUNNING = "running"
+    #: The command ran and its result is stored, whatever its exit code.
+    COMPLETED = "completed"
+    #: No result: the VM was gone, the worker was lost, or the deadline passed.
+    FAILED = "failed"
+
+
+UNFINISHED_EXECUTION_STATUSES = (ExecutionStatus.QUEUED, ExecutionStatus.RUNNING)
+
+
+class Execution(Base):
+    """A command from POST /execute_async and, once the worker finishes, its result."""
+
+    __tablename__ = "executions"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id"), index=True)
+    vm_id: Mapped[str] = mapped_column(String(64), index=True)
+    worker_id: Mapped[str] = mapped_column(String(64), index=True)
+    #: The session's owner, who may read the execution besides administrators.
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    language: Mapped[str] = mapped_column(String(16))
+    timeout_seconds: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    stdout: Mapped[str | None] = mapped_column(OutputText)
+    stderr: Mapped[str | None] = mapped_column(OutputText)
+    exit_code: Mapped[int | None] = mapped_column(Integer)
+    timed_out: Mapped[bool | None] = mapped_column(Boolean)
+    execution_time: Mapped[float | None] = mapped_column(Float)
+    cpu_time: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(String(1000))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    #: A queued execution not started by then is discarded and fails.
+    start_deadline_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    #: An execution with no result by then fails.
+    deadline_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

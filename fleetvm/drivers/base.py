@@ -43,6 +43,9 @@ class ExecResult:
     exit_code: int
     execution_time: float
     timed_out: bool = False
+    #: User plus system CPU seconds of the command, or None where the guest
+    #: could not measure it, such as an agent older than this field.
+    cpu_time: float | None = None
 
 
 @dataclass(frozen=True)

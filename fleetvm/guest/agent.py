@@ -20,8 +20,9 @@ Protocol
         -> {"ok": true, "pid": int, "uid": int, "home": str}
     {"op": "execute", "language": "python" | "bash", "code": str, "timeout": float}
         -> {"ok": true, "stdout": str, "stderr": str, "exit_code": int,
-            "execution_time": float, "timed_out": bool, "namespace_reset": bool,
-            "stdout_truncated": bool, "stderr_truncated": bool}
+            "execution_time": float, "cpu_time": float | null, "timed_out": bool,
+            "namespace_reset": bool, "stdout_truncated": bool,
+            "stderr_truncated": bool}
     {"op": "upload", "path": str, "content": str (base64)}
         -> {"ok": true, "path": str}
     {"op": "download", "path": str, "max_bytes": int (optional)}
@@ -60,6 +61,14 @@ Execution
     code. The agent itself stays outside it, so a fork bomb cannot keep the agent
     from serving requests. When a command cannot start, it gets exit code 126 and
     the reason on stderr.
+
+    cpu_time is the user plus system CPU time in seconds that the code used,
+    counting the child processes it waited for but not those it left running.
+    For bash it comes from wait4 on the command's process. For Python the agent
+    reads the kernel's counters in /proc before and after the request, so code
+    cannot forge it through the control socket. /proc counts in clock ticks,
+    usually 10 ms. It is null when the agent could not measure it, for example
+    when the kernel died during the request.
 
     On timeout, bash's process group gets SIGKILL. The kernel's process group gets
     SIGINT, which raises KeyboardInterrupt in the running code. A kernel that has
@@ -358,7 +367,7 @@ def _start_failed(started: float, program: str, exc: BaseException) -> dict:
         "its process, memory or disk limit.\n".encode()
     )
     return _execution_result(
-        CappedBuffer(0), stderr, START_FAILED_EXIT_CODE, started, False, False
+        CappedBuffer(0), stderr, START_FAILED_EXIT_CODE, started, False, False, 0.0
     )
 
 
@@ -397,12 +406,14 @@ def _execution_result(
     started: float,
     timed_out: bool,
     namespace_reset: bool,
+    cpu_time: float | None = None,
 ) -> dict:
     return {
         "stdout": stdout.text("stdout"),
         "stderr": stderr.text("stderr"),
         "exit_code": exit_code,
         "execution_time": time.monotonic() - started,
+        "cpu_time": cpu_time,
         "timed_out": timed_out,
         "namespace_reset": namespace_reset,
         "stdout_truncated": stdout.omitted > 0,
@@ -473,22 +484,29 @@ class BashRunner:
         stdout = CappedBuffer(self._output_limit)
         stderr = CappedBuffer(self._output_limit)
         buffers = {stdout_read: stdout, stderr_read: stderr}
-        timed_out = _pump_until_exit(process, buffers, started + timeout)
+        timed_out, cpu_time = _pump_until_exit(process, buffers, started + timeout)
         if timed_out or process.returncode is None:
             exit_code = TIMEOUT_EXIT_CODE
         else:
             exit_code = _shell_exit_code(process.returncode)
         return _execution_result(
-            stdout, stderr, exit_code, started, timed_out, namespace_reset=False
+            stdout,
+            stderr,
+            exit_code,
+            started,
+            timed_out,
+            namespace_reset=False,
+            cpu_time=cpu_time,
         )
 
 
 def _pump_until_exit(
     process: subprocess.Popen, buffers: dict[int, CappedBuffer], deadline: float
-) -> bool:
+) -> tuple[bool, float | None]:
     """Copy the process's output into buffers until it exits or the deadline.
 
-    At the deadline the process group gets SIGKILL. Returns whether that happened.
+    At the deadline the process group gets SIGKILL. Returns whether that happened,
+    and the CPU seconds of the process, or None if it did not exit in time.
     Every pipe in buffers is closed, or handed to a thread that reads it to the end.
     """
     selector = selectors.DefaultSelector()
@@ -503,8 +521,12 @@ def _pump_until_exit(
 
     open_fds = set(buffers)
     timed_out = False
+    cpu_time = None
     try:
-        while process.poll() is None:
+        while True:
+            exited, cpu_time = _reap_with_usage(process)
+            if exited:
+                break
             now = time.monotonic()
             if not timed_out and now >= deadline:
                 timed_out = True
@@ -525,7 +547,46 @@ def _pump_until_exit(
         selector.close()
         if pidfd is not None:
             os.close(pidfd)
-    return timed_out
+    return timed_out, cpu_time
+
+
+def _reap_with_usage(process: subprocess.Popen) -> tuple[bool, float | None]:
+    """Reap the process if it has exited; return whether it has and its CPU seconds.
+
+    Popen.poll discards the resource usage that the kernel reports when a child is
+    reaped, so this calls wait4 itself and records the exit status in the Popen.
+    The usage covers the process and the children it waited for.
+    """
+    if process.returncode is not None:
+        return True, None
+    try:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+    except ChildProcessError:
+        # Something else reaped it, so its status and usage are unknown.
+        process.returncode = 0
+        return True, None
+    if pid == 0:
+        return False, None
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return True, usage.ru_utime + usage.ru_stime
+
+
+def _process_cpu_seconds(pid: int) -> float | None:
+    """Return the CPU seconds of a running process and the children it waited for.
+
+    Reads utime, stime, cutime and cstime, fields 14 to 17 of /proc/PID/stat as
+    proc(5) numbers them. Returns None when the process or /proc is gone.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            stat_line = file.read()
+        # The command name in brackets may contain spaces, so fields are counted
+        # from the last ")", after which field 3 comes first.
+        fields = stat_line[stat_line.rindex(b")") + 2 :].split()
+        ticks = sum(int(value) for value in fields[11:15])
+    except (OSError, ValueError):
+        return None
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _read_into(
@@ -788,6 +849,8 @@ class PythonKernel:
         marker = MARKER_PREFIX + token.encode("ascii") + b"\x00"
         self._stdout.begin(marker)
         self._stderr.begin(marker)
+        pid = self._process.pid
+        cpu_before = _process_cpu_seconds(pid)
         try:
             send_message(self._control, {"code": code, "marker": token})
         except OSError:
@@ -795,9 +858,13 @@ class PythonKernel:
         else:
             reply, timed_out = self._wait_for_reply(deadline)
 
-        if reply is not None:
-            return self._finish_reply(reply, started, timed_out)
-        return self._finish_lost_kernel(started, timed_out)
+        if reply is None:
+            return self._finish_lost_kernel(started, timed_out)
+        result = self._finish_reply(reply, started, timed_out)
+        cpu_after = _process_cpu_seconds(pid)
+        if cpu_before is not None and cpu_after is not None:
+            result["cpu_time"] = max(cpu_after - cpu_before, 0.0)
+        return result
 
     def _wait_for_reply(self, deadline: float) -> tuple[dict | None, bool]:
         """Wait for the kernel's reply, interrupting it at the deadline.
@@ -894,7 +961,7 @@ def _queued_too_long(started: float) -> dict:
         b"in this VM.\n"
     )
     return _execution_result(
-        CappedBuffer(0), stderr, TIMEOUT_EXIT_CODE, started, True, False
+        CappedBuffer(0), stderr, TIMEOUT_EXIT_CODE, started, True, False, 0.0
     )
 
 

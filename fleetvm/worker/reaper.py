@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 from fleetvm.db.models import KillReason, KillRecord, Vm, VmStatus, Worker, utcnow
 from fleetvm.db.vms import record_kill_intent
 from fleetvm.errors import FleetvmError
+from fleetvm.worker.executions import fail_overdue
 from fleetvm.worker.runtime import WorkerRuntime
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,8 @@ logger = logging.getLogger(__name__)
 STUCK_KILL_SECONDS = 5.0
 #: How often the reaper checks that this worker's active VMs still run.
 LIVENESS_INTERVAL_SECONDS = 2.0
+#: How often the reaper marks as failed this worker's executions past a deadline.
+OVERDUE_EXECUTION_INTERVAL_SECONDS = 2.0
 
 
 class Reaper:
@@ -41,6 +44,7 @@ class Reaper:
         )
         self._last_retry: dict[str, float] = {}
         self._last_liveness_check = 0.0
+        self._last_overdue_check = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -102,7 +106,15 @@ class Reaper:
                 )
         self._finish_stuck_kills()
         self._check_liveness()
+        self._fail_overdue_executions()
         return killed
+
+    def _fail_overdue_executions(self) -> None:
+        now = time.monotonic()
+        if now - self._last_overdue_check < OVERDUE_EXECUTION_INTERVAL_SECONDS:
+            return
+        self._last_overdue_check = now
+        fail_overdue(self.rt)
 
     def _check_liveness(self) -> None:
         now = time.monotonic()

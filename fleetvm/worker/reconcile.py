@@ -10,6 +10,7 @@ import logging
 
 from fleetvm.db.models import LIVE_STATUSES, VmStatus, utcnow
 from fleetvm.db.vms import transition
+from fleetvm.worker.executions import fail_lost_executions
 from fleetvm.worker.runtime import WorkerRuntime
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ def reconcile(rt: WorkerRuntime) -> dict[str, int]:
                 vm_id,
                 extra=_extra(rt, vm_id),
             )
+
+    counts["lost_executions"] = len(fail_lost_executions(rt))
 
     logger.info(
         "worker %s reconciled: %s",

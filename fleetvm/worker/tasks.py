@@ -18,12 +18,14 @@ from celery import shared_task
 from fleetvm.celery_app import (
     TASK_DOWNLOAD,
     TASK_EXECUTE,
+    TASK_EXECUTE_ASYNC,
     TASK_KILL,
     TASK_SPAWN,
     TASK_UPLOAD,
 )
 from fleetvm.db.models import KillRecord, Vm
 from fleetvm.errors import FleetvmError, InvalidRequest
+from fleetvm.worker.executions import run_execution
 from fleetvm.worker.runtime import runtime
 
 logger = logging.getLogger(__name__)
@@ -144,3 +146,17 @@ def _kill_on_owner(vm_id: str, kill_record_id: int, redispatched: bool) -> dict:
         extra=extra,
     )
     return {"vm_id": vm_id, "worker_id": rt.worker_id, "outcome": outcome}
+
+
+# The task is acknowledged on receipt, like execute, so a dying worker loses it
+# instead of running the code twice. The result goes to the executions table,
+# which the API reads, so nothing is stored in the result backend.
+@shared_task(name=TASK_EXECUTE_ASYNC, acks_late=False, ignore_result=True)
+def execute_async(
+    execution_id: str, vm_id: str, language: str, code: str, timeout: float
+) -> dict:
+    return _answer(
+        TASK_EXECUTE_ASYNC,
+        vm_id,
+        lambda: run_execution(runtime(), execution_id, vm_id, language, code, timeout),
+    )

@@ -177,6 +177,7 @@ class VmManager:
             "exit_code": result.exit_code,
             "execution_time": result.execution_time,
             "timed_out": result.timed_out,
+            "cpu_time": result.cpu_time,
         }
 
     def upload(self, vm_id: str, remote_path: str, content: bytes) -> dict[str, Any]:

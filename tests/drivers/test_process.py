@@ -835,6 +835,8 @@ VALID_EXECUTE = {
         pytest.param(_frame({**VALID_EXECUTE, "stderr": None}), id="null-err"),
         pytest.param(_frame({**VALID_EXECUTE, "timed_out": "no"}), id="str-flag"),
         pytest.param(_frame({**VALID_EXECUTE, "execution_time": -1}), id="neg-time"),
+        pytest.param(_frame({**VALID_EXECUTE, "cpu_time": -1}), id="neg-cpu"),
+        pytest.param(_frame({**VALID_EXECUTE, "cpu_time": "1"}), id="str-cpu"),
         pytest.param(_frame({**VALID_EXECUTE, "stdout": "\ud800"}), id="surrogate"),
         pytest.param(_frame({**VALID_EXECUTE, "ok": "yes"}), id="str-ok"),
         pytest.param(_frame({"ok": False, "error": 3, "message": "x"}), id="int-err"),
@@ -847,6 +849,26 @@ def test_forged_execute_response_rejected(vms, plain_driver, fake_agent, reply):
 
     with pytest.raises(DriverError):
         plain_driver.execute(vm_id, "python", "1", 10)
+
+
+def test_execute_without_cpu_time_accepted(vms, plain_driver, fake_agent):
+    # An agent that predates cpu_time, in a VM adopted after an upgrade.
+    vm_id = fake_agent(_frame(VALID_EXECUTE))
+
+    result = plain_driver.execute(vm_id, "python", "1", 10)
+
+    assert result.exit_code == 0
+    assert result.cpu_time is None
+
+
+def test_execute_reports_cpu_time(vms, driver):
+    vm_id = vms.spawn(driver)
+
+    result = driver.execute(vm_id, "python", "sum(range(10**7))", 30)
+
+    assert result.exit_code == 0
+    assert result.cpu_time is not None
+    assert result.cpu_time > 0
 
 
 @pytest.mark.parametrize(

@@ -776,3 +776,64 @@ def test_bash_background_pipes_one_thread(agent):
         return len(os.listdir(f"/proc/{pid}/task")) - before
 
     assert _wait_for(lambda: added_threads() <= 1, timeout=2)
+
+
+PYTHON_BUSY_HALF_SECOND = (
+    "import time\n"
+    "start = time.process_time()\n"
+    "while time.process_time() - start < 0.5:\n"
+    "    pass\n"
+)
+# A subshell is a child that bash waits for, so its CPU time counts too. The
+# loop is a fixed amount of work: 0.59 s of CPU time, measured with `time bash
+# -c` on the host these tests were written on, even when the host is busy.
+BASH_BUSY_SUBSHELL = "( for ((i = 0; i < 500000; i++)); do :; done )"
+
+
+@pytest.mark.parametrize(
+    ("language", "code"),
+    [
+        pytest.param("python", PYTHON_BUSY_HALF_SECOND, id="python"),
+        pytest.param("bash", BASH_BUSY_SUBSHELL, id="bash-subshell"),
+    ],
+)
+def test_cpu_time_busy_loop(agent, language, code):
+    response = agent.execute(language, code)
+
+    assert response["exit_code"] == 0, response["stderr"]
+    assert response["cpu_time"] >= 0.2
+    assert response["cpu_time"] <= response["execution_time"] + 0.1
+
+
+@pytest.mark.parametrize(
+    ("language", "code"),
+    [
+        pytest.param("python", "import time; time.sleep(0.5)", id="python"),
+        pytest.param("bash", "sleep 0.5", id="bash"),
+    ],
+)
+def test_cpu_time_sleep_near_zero(agent, language, code):
+    response = agent.execute(language, code)
+
+    assert response["exit_code"] == 0, response["stderr"]
+    assert response["execution_time"] >= 0.5
+    assert 0 <= response["cpu_time"] < 0.15
+
+
+def test_cpu_time_python_counts_waited_child(agent):
+    code = (
+        "import subprocess, sys\n"
+        f"subprocess.run([sys.executable, '-c', {PYTHON_BUSY_HALF_SECOND!r}])\n"
+    )
+
+    response = agent.execute("python", code)
+
+    assert response["exit_code"] == 0, response["stderr"]
+    assert response["cpu_time"] >= 0.3
+
+
+def test_cpu_time_lost_kernel_is_null(agent):
+    response = agent.execute("python", "import os; os._exit(3)")
+
+    assert response["namespace_reset"] is True
+    assert response["cpu_time"] is None

@@ -31,11 +31,13 @@ from tests.harness import (
 class Pieces:
     """Embedded broker, one `fleetvm worker` and one `fleetvm api`, separately."""
 
-    def __init__(self) -> None:
+    def __init__(self, **extra_env: str) -> None:
         self.data_dir = short_data_dir()
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self.env = base_env(self.data_dir, port, FLEETVM_KILL__WAIT_SECONDS="2")
+        self.env = base_env(
+            self.data_dir, port, FLEETVM_KILL__WAIT_SECONDS="2", **extra_env
+        )
         self.log = self.data_dir / "pieces.log"
         self.redis = start_embedded_redis(Settings(data_dir=self.data_dir))
         self.worker = self.start_worker()

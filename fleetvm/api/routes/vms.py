@@ -54,6 +54,8 @@ def execute(body: ExecuteRequest, user: CurrentUser, vms: Vms) -> ExecuteResult:
         stderr=answer["stderr"],
         exit_code=answer["exit_code"],
         execution_time=answer["execution_time"],
+        # A worker that predates cpu_time sends none.
+        cpu_time=answer.get("cpu_time"),
         timed_out=answer["timed_out"],
         success=answer["exit_code"] == 0 and not answer["timed_out"],
         session_id=answer["session_id"],

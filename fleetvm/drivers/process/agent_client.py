@@ -111,7 +111,21 @@ def _exec_result(vm_id: str, response: dict) -> ExecResult:
         exit_code=exit_code,
         execution_time=float(execution_time),
         timed_out=timed_out,
+        cpu_time=_cpu_time_field(vm_id, response),
     )
+
+
+def _cpu_time_field(vm_id: str, response: dict) -> float | None:
+    # An agent that predates cpu_time leaves it out, as a VM adopted after an
+    # upgrade still runs the old agent.
+    cpu_time = response.get("cpu_time")
+    if cpu_time is None:
+        return None
+    if isinstance(cpu_time, bool) or not isinstance(cpu_time, int | float):
+        raise _invalid_response(vm_id, "execute", "cpu_time is not a number")
+    if not math.isfinite(cpu_time) or cpu_time < 0:
+        raise _invalid_response(vm_id, "execute", "cpu_time is out of range")
+    return float(cpu_time)
 
 
 def _text_field(vm_id: str, op: str, response: dict, name: str, limit: int) -> str:
