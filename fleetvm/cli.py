@@ -36,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
         "workers", help="list workers with state, heartbeat age and VM counts"
     )
     workers.add_argument("--json", action="store_true", help="print JSON")
+    worker_actions = workers.add_subparsers(dest="action")
+    retire = worker_actions.add_parser(
+        "retire",
+        help="give up on a dead worker's host: mark its live VMs lost, so their "
+        "sessions start new VMs elsewhere",
+    )
+    retire.add_argument("retired_id", metavar="WORKER_ID")
 
     users = commands.add_parser("users", help="manage users").add_subparsers(
         dest="action", required=True
@@ -106,10 +113,15 @@ def print_workers(args: argparse.Namespace, settings: Settings) -> None:
     import json
 
     from fleetvm.db.engine import Database
-    from fleetvm.services.fleet import list_workers
+    from fleetvm.services.fleet import list_workers, retire_worker
 
     database = Database(settings)
     database.create_all()
+    if args.action == "retire":
+        with database.session() as db:
+            lost = retire_worker(db, settings, args.retired_id)
+        print(f"retired worker {args.retired_id!r}; {lost} VMs marked lost")
+        return
     with database.session() as db:
         workers = list_workers(db, settings)
     if args.json:

@@ -193,9 +193,10 @@ class WorkerPublic(BaseModel):
     worker_id: str
     queue: str
     host: str
-    state: Literal["up", "dead", "stopped"] = Field(
+    state: Literal["up", "dead", "stopped", "retired"] = Field(
         description="'dead' means up but silent for longer than "
-        "multinode.dead_after_seconds."
+        "multinode.dead_after_seconds; 'retired' means an operator gave up on it "
+        "with `fleetvm workers retire`."
     )
     started_at: datetime
     last_heartbeat: datetime
@@ -220,7 +221,8 @@ class KillRecordPublic(BaseModel):
         description="Times the kill task was sent on to the VM's owner."
     )
     outcome: str = Field(
-        description="pending, killed, already_dead or failed_not_owner."
+        description="pending, killed, already_dead, failed_not_owner, or "
+        "worker_lost when its worker was retired."
     )
     completed_at: datetime | None
     latency_ms: float | None = Field(description="From the request to the outcome.")

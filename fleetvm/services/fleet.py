@@ -8,10 +8,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session as DbSession
 
-from fleetvm.db.models import LIVE_STATUSES, KillRecord, User, Vm, VmStatus, Worker
+from fleetvm.db.models import (
+    LIVE_STATUSES,
+    KillReason,
+    KillRecord,
+    User,
+    Vm,
+    VmStatus,
+    Worker,
+    utcnow,
+)
+from fleetvm.errors import Conflict, NotFound
 from fleetvm.services.vms import heartbeat_age, worker_is_live
 from fleetvm.settings import Settings
 
@@ -20,7 +30,8 @@ MAX_KILL_RECORDS = 1000
 
 
 def worker_state(worker: Worker, settings: Settings) -> str:
-    """``up``, ``dead`` (silent for longer than dead_after_seconds) or ``stopped``."""
+    """``up``, ``dead`` (silent longer than dead_after_seconds), ``stopped`` or
+    ``retired``."""
     if worker_is_live(worker, settings):
         return "up"
     return "dead" if worker.state == "up" else worker.state
@@ -91,3 +102,45 @@ def list_kill_records(
         }
         for record, username in db.execute(query)
     ]
+
+
+def retire_worker(db: DbSession, settings: Settings, worker_id: str) -> int:
+    """Give up on a dead worker's host: mark its live VMs lost; return how many.
+
+    For a host that is not coming back. Its VMs died with it, or will be
+    removed as orphans if it ever starts again with the same id; their
+    sessions get a new VM on another worker at their next execute, and their
+    pending kills end with outcome ``worker_lost``.
+    """
+    worker = db.get(Worker, worker_id)
+    if worker is None:
+        raise NotFound(f"No worker {worker_id!r} is registered.")
+    if worker_is_live(worker, settings):
+        raise Conflict(
+            f"Worker {worker_id!r} is up (heartbeat "
+            f"{heartbeat_age(worker):.0f} s ago); stop it before retiring it."
+        )
+    now = utcnow()
+    lost_vms = select(Vm.id).where(
+        Vm.worker_id == worker_id, Vm.status.in_([str(s) for s in LIVE_STATUSES])
+    )
+    db.execute(
+        update(KillRecord)
+        .where(KillRecord.vm_id.in_(lost_vms), KillRecord.outcome == "pending")
+        .values(outcome="worker_lost", worker_id=worker_id, completed_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    lost = db.execute(
+        update(Vm)
+        .where(
+            Vm.worker_id == worker_id, Vm.status.in_([str(s) for s in LIVE_STATUSES])
+        )
+        .values(
+            status=str(VmStatus.LOST),
+            kill_reason=str(KillReason.WORKER_LOST),
+            killed_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    worker.state = "retired"
+    return lost

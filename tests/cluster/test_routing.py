@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from tests.cluster.harness import Cluster
 from tests.conftest import new_session, run
@@ -196,3 +197,78 @@ def test_dead_worker_kill_pending_at_once_then_done(
     [(status,)] = cluster.query("SELECT status FROM vms WHERE id = :id", id=vm_id)
     assert status == "killed"
     alice.post("/kill", json={"session_id": other})
+
+
+def test_execute_async_result_read_from_another_api(
+    cluster: Cluster, keys: dict[str, str]
+) -> None:
+    with (
+        cluster.client(keys["alice"], 0) as one,
+        cluster.client(keys["alice"], 1) as two,
+    ):
+        session_id = new_session(one)
+        sent = one.post(
+            "/execute_async",
+            json={"session_id": session_id, "command": "print(sum(range(10)))"},
+        )
+        assert sent.status_code == 200, sent.text
+        task_id = sent.json()["task_id"]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            result = two.get(f"/v1/executions/{task_id}").json()
+            if result["is_complete"]:
+                break
+            time.sleep(0.05)
+        with cluster.client(keys["bob"]) as bob:
+            bob_reads = bob.get(f"/v1/executions/{task_id}")
+        two.post("/kill", json={"session_id": session_id})
+
+    assert result["status"] == "completed"
+    assert result["serialized_stdout"] == "45\n"
+    assert result["cpu_time"] is not None
+    assert result["worker_id"] == cluster.owner_of(result["vm_id"])
+    assert bob_reads.status_code == 403
+
+
+def test_retired_worker_vms_move_on(
+    cluster: Cluster, alice: httpx.Client, admin: httpx.Client
+) -> None:
+    session_id, vm_id = live_session(alice)
+    owner = cluster.owner_of(vm_id)
+    with pytest.raises(RuntimeError, match="is up"):
+        cluster.cli("workers", "retire", owner)
+    cluster.crash_worker(owner)
+    try:
+        _wait_for_state(admin, owner, "dead")
+        pending = alice.post("/kill", json={"session_id": session_id}).json()
+        assert pending["outcome"] == "kill_pending"
+
+        printed = cluster.cli("workers", "retire", owner)
+
+        assert "1 VMs marked lost" in printed
+        [(status, reason)] = cluster.query(
+            "SELECT status, kill_reason FROM vms WHERE id = :id", id=vm_id
+        )
+        assert (status, reason) == ("lost", "worker_lost")
+        [record] = admin.get("/v1/kills", params={"vm_id": vm_id}).json()
+        assert record["outcome"] == "worker_lost"
+        assert _wait_for_state(admin, owner, "retired")
+        moved = run(alice, session_id, "print('elsewhere')")
+        assert moved["vm_id"] != vm_id
+        assert cluster.owner_of(moved["vm_id"]) != owner
+    finally:
+        cluster.restart_worker(owner)
+
+    # The old host's VM is an orphan now: its worker removes it at start.
+    assert vm_processes(vm_id) == []
+    alice.post("/kill", json={"session_id": session_id})
+
+
+def _wait_for_state(admin: httpx.Client, worker_id: str, state: str) -> bool:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        states = {w["worker_id"]: w["state"] for w in admin.get("/v1/workers").json()}
+        if states[worker_id] == state:
+            return True
+        time.sleep(0.2)
+    raise AssertionError(f"worker {worker_id} never became {state}: {states}")
