@@ -54,7 +54,7 @@ def heartbeat_age(worker: Worker | None) -> float | None:
 
 
 def worker_is_live(worker: Worker | None, settings: Settings) -> bool:
-    """Whether the worker is up and sent a heartbeat within ``dead_after_seconds``."""
+    """Return whether the worker is up with a heartbeat in ``dead_after_seconds``."""
     age = heartbeat_age(worker)
     return (
         worker is not None
@@ -108,6 +108,9 @@ class VmService:
         with self.database.session() as db:
             session = get_owned_session(db, user, raw_session_id)
             vm = db.get(Vm, session.current_vm_id) if session.current_vm_id else None
+            if vm is not None and vm.status == VmStatus.ACTIVE:
+                self._require_live_owner(db, vm)
+                return vm
             if vm is None or vm.status in ENDED_STATUSES:
                 vm = self._assign_new_vm(db, session)
             if vm.status == VmStatus.KILLING:
@@ -220,8 +223,8 @@ class VmService:
             worker = db.get(Worker, vm.worker_id)
             owner_live = worker_is_live(worker, self.settings)
 
-        # With its owner down, nobody would answer: queue the kill for the
-        # owner's return and say so now instead of after kill.wait_seconds.
+        # No worker would respond while the owner is down, so queue the kill
+        # for its return and respond now instead of after kill.wait_seconds.
         wait = self.settings.kill.wait_seconds if owner_live else None
         try:
             answer = self.dispatcher.kill(vm.worker_id, vm.id, record_id, wait)

@@ -57,6 +57,15 @@ def test_state_files_and_kill_through_either_api(
         assert uploaded.status_code == 200, uploaded.text
         printed = run(one, session_id, "print(open('/tmp/a.txt').read())")
         assert printed["stdout"] == "across nodes\n"
+        # Only the first execute starts the VM; later ones go straight to it.
+        owner_log = cluster.log(cluster.owner_of(printed["vm_id"]), whole=True)
+        assert owner_log.count(f"VM {printed['vm_id']} started") == 1
+        spawns = [
+            line
+            for line in owner_log.splitlines()
+            if "fleetvm.spawn_vm[" in line and "received" in line
+        ]
+        assert len(spawns) == owner_log.count(" started in "), spawns
         assert two.post("/kill", json={"session_id": session_id}).json()["outcome"] == (
             "killed"
         )
