@@ -33,10 +33,10 @@ def make_celery(settings: Settings) -> Celery:
         broker_transport_options={
             "visibility_timeout": settings.broker.visibility_timeout_seconds
         },
-        # A task that was running when the broker connection dropped finishes
-        # (a kill then really happens); its acknowledgement is lost with the
-        # connection, so the broker hands it out again, and a second run of a
-        # kill or spawn only reports what the first did.
+        # A task that was running when the broker connection dropped runs to
+        # its end, so a kill really happens. Its acknowledgement is lost with
+        # the connection and the broker delivers it again, but a second run of
+        # a kill or spawn only reports what the first one did.
         worker_cancel_long_running_tasks_on_connection_loss=False,
         task_create_missing_queues=True,
         result_expires=600,

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker_actions = workers.add_subparsers(dest="action")
     retire = worker_actions.add_parser(
         "retire",
-        help="give up on a dead worker's host: mark its live VMs lost, so their "
+        help="mark the live VMs of a dead worker's host lost, so their "
         "sessions start new VMs elsewhere",
     )
     retire.add_argument("retired_id", metavar="WORKER_ID")

@@ -39,8 +39,8 @@ logger = logging.getLogger(__name__)
 #: round trip through the broker and the guest agent.
 EXECUTE_MARGIN_SECONDS = 10.0
 FILE_TIMEOUT_SECONDS = 60.0
-#: What sending a task or reading its result raises while the broker or the
-#: result backend is down or restarting.
+#: Exceptions raised by sending a task or reading its result while the broker
+#: or the result backend is down or restarting.
 CONNECTION_ERRORS = (KombuError, AMQPError, RedisError, BackendError, OSError)
 
 
@@ -187,7 +187,7 @@ class Dispatcher:
             ) from exc
         except CONNECTION_ERRORS as exc:
             raise Unavailable(
-                f"Lost the answer of worker {worker_id!r} to {task}[{result.id}] for "
+                f"Lost the result of worker {worker_id!r} for {task}[{result.id}] for "
                 f"VM {kwargs.get('vm_id')}: the result backend is unreachable "
                 f"({exc}). Try again."
             ) from exc

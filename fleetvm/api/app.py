@@ -79,10 +79,10 @@ async def handle_database_error(request: Request, exc: Exception) -> JSONRespons
 
 
 async def handle_unstorable_value(request: Request, exc: Exception) -> JSONResponse:
-    # PostgreSQL refuses some strings that SQLite stores, such as ones with a
-    # NUL character; that is the request's fault, not the server's.
+    # PostgreSQL rejects some strings that SQLite stores, such as ones with a
+    # NUL character. The request is invalid, so this is a 400, not a 500.
     logger.info(
-        "%s %s: value refused by the database: %s",
+        "%s %s: value rejected by the database: %s",
         request.method,
         request.url.path,
         exc,

@@ -46,8 +46,8 @@ def resolve_user(
 
 
 # The session commits when the route function returns, before the response is
-# sent: a client that sends its next request as soon as it reads this answer
-# must find what this one wrote.
+# sent. A client may send its next request, to any API node, as soon as it
+# reads the response, and that request must see what this one wrote.
 Db = Annotated[DbSession, Depends(get_db, scope="function")]
 
 
@@ -68,8 +68,8 @@ def get_current_user(
 def get_admin_user(user: Annotated[User, Depends(get_current_user)]) -> User:
     if not user.is_admin:
         raise PermissionDenied(
-            f"User {user.username!r} is not an administrator; this is for "
-            "administrators only."
+            f"User {user.username!r} is not an administrator, and only "
+            "administrators may use this route."
         )
     return user
 

@@ -58,8 +58,8 @@ class Database:
         """Create missing tables.
 
         In a cluster every API and worker process does this at start, often at
-        the same moment; on PostgreSQL an advisory lock makes them take turns,
-        since two concurrent CREATE TABLE of one name fail.
+        the same moment. Two concurrent CREATE TABLE of one name fail, so on
+        PostgreSQL an advisory lock makes them take turns.
         """
         if self.engine.dialect.name != "postgresql":
             Base.metadata.create_all(self.engine)

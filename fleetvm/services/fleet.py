@@ -1,7 +1,6 @@
-"""What operators read about the fleet: its workers and the record of every kill.
+"""Fleet views for administrators: workers, kill records, retiring a worker.
 
-Both are for administrators; the API and ``fleetvm workers`` call the same
-functions.
+The API routes and the ``fleetvm workers`` command call the same functions.
 """
 
 from __future__ import annotations
@@ -25,20 +24,20 @@ from fleetvm.errors import Conflict, NotFound
 from fleetvm.services.vms import heartbeat_age, worker_is_live
 from fleetvm.settings import Settings
 
-#: Most kill records one listing returns.
+#: Maximum number of kill records one listing returns.
 MAX_KILL_RECORDS = 1000
 
 
 def worker_state(worker: Worker, settings: Settings) -> str:
-    """``up``, ``dead`` (silent longer than dead_after_seconds), ``stopped`` or
-    ``retired``."""
+    """Return ``up``, ``dead`` (silent longer than dead_after_seconds),
+    ``stopped`` or ``retired``."""
     if worker_is_live(worker, settings):
         return "up"
     return "dead" if worker.state == "up" else worker.state
 
 
 def list_workers(db: DbSession, settings: Settings) -> list[dict[str, Any]]:
-    """Every registered worker with its state, heartbeat age and VM counts."""
+    """List every registered worker with its state, heartbeat age and VM counts."""
     counts: dict[str, dict[str, int]] = {}
     rows = db.execute(
         select(Vm.worker_id, Vm.status, func.count())
@@ -75,7 +74,7 @@ def list_kill_records(
     vm_id: str | None = None,
     limit: int = 100,
 ) -> list[dict[str, Any]]:
-    """The newest kill records first, optionally of one session or VM."""
+    """List kill records, newest first, optionally of one session or VM."""
     query = (
         select(KillRecord, User.username)
         .outerjoin(User, User.id == KillRecord.requested_by)
@@ -107,14 +106,17 @@ def list_kill_records(
 def retire_worker(db: DbSession, settings: Settings, worker_id: str) -> int:
     """Give up on a dead worker's host: mark its live VMs lost; return how many.
 
-    For a host that is not coming back. Its VMs died with it, or will be
-    removed as orphans if it ever starts again with the same id; their
-    sessions get a new VM on another worker at their next execute, and their
-    pending kills end with outcome ``worker_lost``.
+    This is for a host that is not coming back. Its VMs died with it, or its
+    worker removes them as orphans if it ever starts again with the same id.
+    Their sessions get a new VM on another worker at their next execute, and
+    their pending kills end with outcome ``worker_lost``.
     """
     worker = db.get(Worker, worker_id)
     if worker is None:
-        raise NotFound(f"No worker {worker_id!r} is registered.")
+        raise NotFound(
+            f"Worker {worker_id!r} not found; `fleetvm workers` lists the "
+            "registered ones."
+        )
     if worker_is_live(worker, settings):
         raise Conflict(
             f"Worker {worker_id!r} is up (heartbeat "

@@ -289,8 +289,8 @@ class VmManager:
     def cancel_kill(self, vm_id: str) -> bool:
         """Return a VM from killing to active when no kill of it is pending.
 
-        Used when a kill was refused without touching the VM, so the VM is not
-        left looking half-killed while it runs on.
+        A kill that a non-owner rejected never touched the VM, so the VM must
+        not stay in killing while it keeps running.
         """
         pending = (
             select(KillRecord.id)
