@@ -1,15 +1,18 @@
 """Start-up reconciliation: make this host's VMs agree with the database.
 
 Runs before the worker consumes its queue, so kills that were accepted while it
-was down are carried out first.
+was down, and expiries that came due meanwhile, are carried out first. The
+executions it was running when it stopped are marked failed.
 """
 
 from __future__ import annotations
 
 import logging
 
-from fleetvm.db.models import LIVE_STATUSES, VmStatus, utcnow
-from fleetvm.db.vms import transition
+from sqlalchemy import select
+
+from fleetvm.db.models import LIVE_STATUSES, KillReason, Vm, VmStatus, utcnow
+from fleetvm.db.vms import record_kill_intent, transition
 from fleetvm.worker.executions import fail_lost_executions
 from fleetvm.worker.runtime import WorkerRuntime
 
@@ -17,14 +20,23 @@ logger = logging.getLogger(__name__)
 
 
 def reconcile(rt: WorkerRuntime) -> dict[str, int]:
-    """Adopt live VMs, finish pending kills, and remove VMs with no live record."""
-    counts = {"adopted": 0, "killed": 0, "lost": 0, "orphans": 0}
+    """Finish pending kills and expiries, adopt live VMs, remove unknown ones."""
+    counts = {"adopted": 0, "killed": 0, "expired": 0, "lost": 0, "orphans": 0}
     vms = rt.vms
 
     for vm_id in vms.owned_vm_ids((VmStatus.KILLING,)):
         vms.kill(vm_id, None)
         vms.finish_pending_records(vm_id, "killed")
         counts["killed"] += 1
+
+    for vm_id in _expired_vm_ids(rt):
+        with rt.database.session() as db:
+            record_id = record_kill_intent(
+                db, vm_id, [VmStatus.ACTIVE], KillReason.EXPIRY
+            )
+        if record_id is not None:
+            vms.kill(vm_id, record_id)
+            counts["expired"] += 1
 
     for vm_id in vms.owned_vm_ids((VmStatus.SPAWNING,)):
         # The spawn task is redelivered or sent again by the next execute;
@@ -67,6 +79,19 @@ def reconcile(rt: WorkerRuntime) -> dict[str, int]:
         extra={"worker_id": rt.worker_id},
     )
     return counts
+
+
+def _expired_vm_ids(rt: WorkerRuntime) -> list[str]:
+    with rt.database.session() as db:
+        return list(
+            db.scalars(
+                select(Vm.id).where(
+                    Vm.worker_id == rt.worker_id,
+                    Vm.status == VmStatus.ACTIVE,
+                    Vm.expires_at <= utcnow(),
+                )
+            )
+        )
 
 
 def _extra(rt: WorkerRuntime, vm_id: str) -> dict[str, str]:

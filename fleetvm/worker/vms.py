@@ -234,6 +234,14 @@ class VmManager:
         extra = self._log_extra(vm_id, vm.session_id)
         if vm.status in ENDED_STATUSES:
             outcome = self.finish_record(kill_record_id, "already_dead")
+            logger.info(
+                "kill of VM %s: it is already %s, nothing to do (record %s: %s)",
+                vm_id,
+                vm.status,
+                kill_record_id,
+                outcome,
+                extra=extra,
+            )
             return self._kill_answer(vm, outcome)
 
         if vm.status in (VmStatus.SPAWNING, VmStatus.ACTIVE):
@@ -312,12 +320,16 @@ class VmManager:
         """Complete every pending kill record of a VM whose kill another path did."""
         now = utcnow()
         with self.database.session() as db:
-            db.execute(
-                update(KillRecord)
+            records = db.scalars(
+                select(KillRecord)
                 .where(KillRecord.vm_id == vm_id, KillRecord.outcome == "pending")
-                .values(outcome=outcome, worker_id=self.worker_id, completed_at=now)
-                .execution_options(synchronize_session=False)
+                .with_for_update()
             )
+            for record in records:
+                record.outcome = outcome
+                record.worker_id = self.worker_id
+                record.completed_at = now
+                record.latency_ms = _milliseconds_between(record.requested_at, now)
 
     def _kill_answer(self, vm: Vm, outcome: str) -> dict[str, Any]:
         answer = self._describe(vm)

@@ -219,3 +219,22 @@ def _wait_for_kill_record(cluster: Cluster, vm_id: str) -> None:
 @pytest.fixture(scope="module")
 def keys_lenient(lenient_cluster: Cluster) -> dict[str, str]:
     return {"alice": lenient_cluster.create_user("alice")}
+
+
+def test_kill_task_run_twice_acts_once(
+    cluster: Cluster, keys: dict[str, str], sender
+) -> None:
+    _, vm_id, owner = live_vm(cluster, keys["alice"])
+    record_id, first = send_kill(sender, vm_id, owner)
+    _, dispatcher = sender
+
+    # The same task again, as a broker delivers it after a lost acknowledgement.
+    second = dispatcher.kill(owner, vm_id, record_id, 20)
+
+    assert first["outcome"] == "killed"
+    assert second is not None
+    assert second["outcome"] == "killed"
+    assert record(cluster, record_id)["outcome"] == "killed"
+    owner_log = cluster.log(owner, whole=True)
+    assert owner_log.count(f"VM {vm_id} killed") == 1
+    assert f"kill of VM {vm_id}: it is already killed, nothing to do" in owner_log
