@@ -273,3 +273,26 @@ def _wait_for_state(admin: httpx.Client, worker_id: str, state: str) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"worker {worker_id} never became {state}: {states}")
+
+
+def test_concurrent_requests_all_get_answers(
+    cluster: Cluster, keys: dict[str, str]
+) -> None:
+    def call(path: str, body: dict) -> httpx.Response:
+        with cluster.client(keys["alice"]) as client:
+            return client.post(path, json=body)
+
+    with cluster.client(keys["alice"]) as client:
+        sessions = [new_session(client) for _ in range(16)]
+    for _ in range(2):
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            executes = list(
+                pool.map(
+                    lambda s: call("/execute", {"session_id": s, "command": "1"}),
+                    sessions,
+                )
+            )
+            kills = list(pool.map(lambda s: call("/kill", {"session_id": s}), sessions))
+
+        assert [r.status_code for r in executes] == [200] * 16
+        assert [r.json()["outcome"] for r in kills] == ["killed"] * 16
