@@ -191,16 +191,30 @@ class Dispatcher:
                 f"VM {kwargs.get('vm_id')}: the result backend is unreachable "
                 f"({exc}). Try again."
             ) from exc
+        except RuntimeError as exc:
+            # Celery's result consumer raises RuntimeError once it gives up
+            # reconnecting, and stays broken; this thread gets a new one.
+            self._discard_result_backend()
+            raise Unavailable(
+                f"Lost the result of worker {worker_id!r} for {task}[{result.id}] for "
+                f"VM {kwargs.get('vm_id')}: the result backend stayed unreachable "
+                f"({exc}). Try again."
+            ) from exc
         finally:
             _forget(result)
         if not answer.get("ok"):
             raise error_from_code(answer.get("error", ""), answer.get("message", ""))
         return answer
 
+    def _discard_result_backend(self) -> None:
+        # NOTE: Celery keeps one result backend per thread in the private
+        # app._local, and offers no public call to replace a broken one.
+        self.app._local.__dict__.pop("backend", None)
+
 
 def _forget(result) -> None:
     """Drop a task's stored result; a backend that is down keeps it until expiry."""
     try:
         result.forget()
-    except CONNECTION_ERRORS:
+    except (*CONNECTION_ERRORS, RuntimeError):
         logger.debug("could not forget result of task %s", result.id)

@@ -263,3 +263,26 @@ def test_rabbitmq_restarted_during_kills(rabbitmq_cluster) -> None:
     assert [a.json()["outcome"] for a in answers] == ["kill_pending"] * len(vms)
     assert_each_killed_once(cluster, list(vms.values()))
     assert len(start_sessions(cluster, key, 2)) == 2
+
+
+def test_redis_down_while_waiting_is_503(redis_cluster) -> None:
+    cluster, redis, key = redis_cluster
+    [session_id] = start_sessions(cluster, key, 1)
+
+    def execute() -> httpx.Response:
+        with cluster.client(key) as client:
+            body = {"session_id": session_id, "command": "print(3)", "timeout": 60}
+            return client.post("/execute", json=body)
+
+    # The worker is paused, so the API is waiting for the result when Redis
+    # goes away, and long enough for Celery's result consumer to give up.
+    with paused_workers(cluster), ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(execute)
+        time.sleep(1)
+        redis.crash()
+        answer = future.result(timeout=120)
+        redis.start()
+
+    assert answer.status_code == 503, answer.text
+    with cluster.client(key) as client:
+        assert run(client, session_id, "print(4)")["stdout"] == "4\n"
