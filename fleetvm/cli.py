@@ -65,14 +65,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_settings(args: argparse.Namespace) -> Settings:
     overrides = {}
-    if getattr(args, "worker_id", None):
+    # An empty --worker-id is validated, and rejected, like any other value.
+    if getattr(args, "worker_id", None) is not None:
         overrides["multinode"] = {"worker_id": args.worker_id}
     if not overrides:
-        return Settings()
+        settings = Settings()
+        if args.command == "worker" and not _worker_id_given(settings):
+            raise SystemExit(
+                "error: `fleetvm worker` needs the id of this node: pass "
+                "--worker-id ID or set FLEETVM_MULTINODE__WORKER_ID, unique in "
+                "the cluster."
+            )
+        return settings
     # Merge with the environment, so --worker-id replaces only that key.
     base = Settings().model_dump()
     base["multinode"].update(overrides["multinode"])
     return Settings(**base)
+
+
+def _worker_id_given(settings: Settings) -> bool:
+    # Two workers left on the default id would share one queue and one row.
+    return "worker_id" in settings.multinode.model_fields_set
 
 
 def run_account_command(args: argparse.Namespace, settings: Settings) -> None:

@@ -57,3 +57,17 @@ def test_cli_invalid_worker_id(tmp_path: Path) -> None:
 
     assert result.returncode != 0
     assert "invalid worker_id" in result.stderr
+
+
+def test_cli_empty_worker_id(tmp_path: Path) -> None:
+    result = fleetvm(tmp_path, "worker", "--worker-id", "")
+
+    assert result.returncode != 0
+    assert "invalid worker_id ''" in result.stderr
+
+
+def test_cli_worker_needs_id(tmp_path: Path) -> None:
+    result = fleetvm(tmp_path, "worker")
+
+    assert result.returncode != 0
+    assert "needs the id of this node" in result.stderr

@@ -12,7 +12,8 @@ from fleetvm.dispatch import Dispatcher
 from fleetvm.drivers import make_driver
 from fleetvm.settings import RESERVED_WORKER_THREADS, Settings
 from fleetvm.worker import runtime as runtime_module
-from fleetvm.worker.reaper import Heartbeat, Reaper
+from fleetvm.worker.heartbeat import Heartbeat
+from fleetvm.worker.reaper import Reaper
 from fleetvm.worker.reconcile import reconcile
 from fleetvm.worker.runtime import WorkerRuntime
 from fleetvm.worker.slots import CommandSlots

@@ -1,4 +1,4 @@
-"""Background loops of a worker: expiry reaper, stuck-kill sweep and heartbeat.
+"""Background loop of a worker: expiry reaper, stuck-kill sweep, liveness check.
 
 Expiry is driven by the database, not by delayed broker messages: a delayed
 message to a dead worker waits forever, and Redis redelivers unacknowledged
@@ -8,14 +8,13 @@ ones only after its visibility timeout.
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from datetime import timedelta
 
 from sqlalchemy import func, select
 
-from fleetvm.db.models import KillReason, KillRecord, Vm, VmStatus, Worker, utcnow
+from fleetvm.db.models import KillReason, KillRecord, Vm, VmStatus, utcnow
 from fleetvm.db.vms import record_kill_intent
 from fleetvm.errors import FleetvmError
 from fleetvm.worker.executions import fail_overdue
@@ -188,62 +187,3 @@ class Reaper:
                     continue
             self.rt.vms.finish_pending_records(vm_id, "killed")
             self._last_retry.pop(vm_id, None)
-
-
-class Heartbeat:
-    """Registers the worker and refreshes its heartbeat until stopped."""
-
-    def __init__(self, rt: WorkerRuntime) -> None:
-        self.rt = rt
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name="fleetvm-heartbeat", daemon=True
-        )
-
-    def register(self) -> None:
-        settings = self.rt.settings
-        now = utcnow()
-        with self.rt.database.session() as db:
-            worker = db.get(Worker, self.rt.worker_id)
-            if worker is None:
-                worker = Worker(id=self.rt.worker_id)
-                db.add(worker)
-            worker.queue = settings.worker_queue
-            worker.host = socket.gethostname()
-            worker.capacity = settings.multinode.capacity
-            worker.state = "up"
-            worker.started_at = now
-            worker.last_heartbeat = now
-        logger.info(
-            "worker %s registered, consuming %s",
-            self.rt.worker_id,
-            settings.worker_queue,
-            extra={"worker_id": self.rt.worker_id},
-        )
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, state: str = "stopped") -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-        self._set_state(state)
-
-    def _set_state(self, state: str) -> None:
-        with self.rt.database.session() as db:
-            worker = db.get(Worker, self.rt.worker_id)
-            if worker is not None:
-                worker.state = state
-                worker.last_heartbeat = utcnow()
-
-    def _run(self) -> None:
-        interval = self.rt.settings.multinode.heartbeat_seconds
-        while not self._stop.wait(interval):
-            try:
-                self._set_state("up")
-            except Exception:
-                logger.exception(
-                    "heartbeat of worker %s failed",
-                    self.rt.worker_id,
-                    extra={"worker_id": self.rt.worker_id},
-                )

@@ -4,6 +4,9 @@ operators can see the workers and every kill."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,7 +15,7 @@ import pytest
 
 from tests.cluster.harness import Cluster
 from tests.conftest import new_session, run
-from tests.harness import vm_processes
+from tests.harness import fleetvm_command, vm_processes
 
 
 def live_session(client: httpx.Client) -> tuple[str, str]:
@@ -296,3 +299,47 @@ def test_concurrent_requests_all_get_answers(
 
         assert [r.status_code for r in executes] == [200] * 16
         assert [r.json()["outcome"] for r in kills] == ["killed"] * 16
+
+
+def test_second_worker_with_live_id_rejected(
+    cluster: Cluster, alice: httpx.Client
+) -> None:
+    session_id, vm_id = live_session(alice)
+    owner = cluster.owner_of(vm_id)
+    other_dir = cluster.root / f"{owner}-copy"
+
+    result = subprocess.run(
+        fleetvm_command("worker", "--worker-id", owner),
+        env={**cluster.env, "FLEETVM_DATA_DIR": str(other_dir)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode != 0
+    assert f"worker id {owner!r} is in use by a live worker" in result.stderr
+    assert vm_processes(vm_id)
+    assert run(alice, session_id, "print('unharmed')")["stdout"] == "unharmed\n"
+    alice.post("/kill", json={"session_id": session_id})
+
+
+def test_retired_paused_worker_stops_itself(
+    cluster: Cluster, alice: httpx.Client, admin: httpx.Client
+) -> None:
+    session_id, vm_id = live_session(alice)
+    owner = cluster.owner_of(vm_id)
+    process = cluster.workers[owner]
+
+    os.kill(process.pid, signal.SIGSTOP)
+    try:
+        _wait_for_state(admin, owner, "dead")
+        cluster.cli("workers", "retire", owner)
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+    try:
+        process.wait(timeout=30)
+        _wait_for_state(admin, owner, "retired")
+        assert vm_processes(vm_id) == []
+    finally:
+        cluster.restart_worker(owner)
+    alice.post("/kill", json={"session_id": session_id})
