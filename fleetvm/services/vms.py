@@ -11,7 +11,7 @@ import secrets
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session as DbSession
 
 from fleetvm.db.engine import Database
@@ -41,6 +41,9 @@ from fleetvm.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+#: Key of the PostgreSQL advisory lock that serialises VM placement.
+PLACEMENT_LOCK_KEY = 0x666C6566
+
 
 def new_vm_id() -> str:
     return "vm-" + secrets.token_hex(8)
@@ -65,7 +68,16 @@ def worker_is_live(worker: Worker | None, settings: Settings) -> bool:
 
 
 def pick_worker(db: DbSession, settings: Settings) -> str:
-    """Return the live worker with spare capacity and the fewest live VMs."""
+    """Return the live worker with spare capacity and the fewest live VMs.
+
+    On PostgreSQL, placements take turns through a lock held until the
+    caller's transaction ends, so concurrent placements count each other's
+    new VMs and no worker goes over its capacity.
+    """
+    if db.get_bind().dialect.name == "postgresql":
+        db.execute(
+            text("SELECT pg_advisory_xact_lock(:key)"), {"key": PLACEMENT_LOCK_KEY}
+        )
     alive_since = utcnow() - timedelta(seconds=settings.multinode.dead_after_seconds)
     live_vms = (
         select(Vm.worker_id, func.count().label("count"))

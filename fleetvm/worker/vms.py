@@ -127,6 +127,8 @@ class VmManager:
                 "VM %s was killed while it started; killing it now", vm.id, extra=extra
             )
             self.kill_locked(vm.id, None)
+            # The kill that came during the spawn is what ended the VM.
+            self.finish_pending_records(vm.id, "killed")
             raise VmNotRunning(f"VM {vm.id} was killed while it was starting.")
 
         logger.info(

@@ -343,3 +343,31 @@ def test_retired_paused_worker_stops_itself(
     finally:
         cluster.restart_worker(owner)
     alice.post("/kill", json={"session_id": session_id})
+
+
+def test_kill_during_first_spawn_reports_killed(
+    cluster: Cluster, keys: dict[str, str]
+) -> None:
+    with cluster.client(keys["alice"]) as client:
+        session_id = new_session(client)
+
+    def first_execute() -> httpx.Response:
+        with cluster.client(keys["alice"]) as client:
+            body = {"session_id": session_id, "command": "print(1)"}
+            return client.post("/execute", json=body)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(first_execute)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not cluster.query(
+            "SELECT id FROM vms WHERE session_id = :id", id=session_id
+        ):
+            time.sleep(0.005)
+        with cluster.client(keys["alice"]) as client:
+            killed = client.post("/kill", json={"session_id": session_id})
+        executed = future.result()
+
+    assert killed.status_code == 200, killed.text
+    assert killed.json()["outcome"] == "killed"
+    assert executed.status_code in (200, 409), executed.text
+    assert vm_processes(killed.json()["vm_id"]) == []
