@@ -76,11 +76,17 @@ def create_token(user: User, secret_key: str, ttl_seconds: int) -> str:
     return jwt.encode(claims, secret_key, algorithm="HS256")
 
 
+#: Largest id a database integer primary key holds.
+MAX_ROW_ID = 2**31 - 1
+
+
 def user_from_token(db: Session, token: str, secret_key: str) -> User:
     try:
         claims = jwt.decode(token, secret_key, algorithms=["HS256"])
         user_id = int(claims["sub"])
-    except (jwt.PyJWTError, KeyError, ValueError) as exc:
+        if not 1 <= user_id <= MAX_ROW_ID:
+            raise ValueError(f"user id {user_id} out of range")
+    except (jwt.PyJWTError, KeyError, ValueError, TypeError) as exc:
         raise NotAuthenticated(
             "Invalid or expired bearer token: request a new one from POST /token."
         ) from exc
@@ -104,17 +110,23 @@ def user_from_api_key(db: Session, key: str) -> User:
 
 
 def authenticate_password(db: Session, username: str, password: str) -> User:
-    user = db.scalar(select(User).where(User.username == username))
+    # A name no account can have is not looked up: PostgreSQL rejects some of
+    # them, such as one with a NUL character, and the answer is 401 anyway.
+    user = None
+    if is_valid_username(username):
+        user = db.scalar(select(User).where(User.username == username))
     password_hash = user.password_hash if user is not None else None
     if not verify_password(password, password_hash) or user is None:
         raise NotAuthenticated("Incorrect username or password.")
     return user
 
 
+def is_valid_username(username: str) -> bool:
+    return 1 <= len(username) <= 64 and all(c.isalnum() or c in "-_." for c in username)
+
+
 def validate_username(username: str) -> None:
-    if not (1 <= len(username) <= 64) or not all(
-        c.isalnum() or c in "-_." for c in username
-    ):
+    if not is_valid_username(username):
         raise InvalidRequest(
             f"Invalid username {username!r}: use 1 to 64 letters, digits, '-', '_'"
             " or '.'."

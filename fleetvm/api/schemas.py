@@ -56,6 +56,13 @@ class Token(BaseModel):
     token_type: str = "bearer"
 
 
+#: Limits on a session's environment. Linux rejects one NAME=value string over
+#: 128 KiB, and the whole environment shares the argument space of a new
+#: process, so larger ones could never start a VM.
+MAX_ENV_VARS = 256
+MAX_ENV_BYTES = 64 * 1024
+
+
 class SessionCreate(BaseModel):
     api_key: str | None = Field(
         default=None,
@@ -73,7 +80,19 @@ class SessionCreate(BaseModel):
     @field_validator("env")
     @classmethod
     def _check_env(cls, env: dict[str, str] | None) -> dict[str, str] | None:
-        for name, value in (env or {}).items():
+        if env is None:
+            return None
+        if len(env) > MAX_ENV_VARS:
+            raise ValueError(
+                f"{len(env)} environment variables; at most {MAX_ENV_VARS} are allowed"
+            )
+        total = sum(len(name) + len(value) + 2 for name, value in env.items())
+        if total > MAX_ENV_BYTES:
+            raise ValueError(
+                f"environment of {total} characters; at most {MAX_ENV_BYTES} are "
+                "allowed, since the kernel limits what a process can start with"
+            )
+        for name, value in env.items():
             if not ENV_NAME.fullmatch(name):
                 raise ValueError(
                     f"invalid environment variable name {name[:80]!r}: use letters, "

@@ -93,3 +93,19 @@ def test_admin_key_file_is_private(server: Server) -> None:
     assert path.stat().st_mode & 0o777 == 0o600
     assert server.admin_key not in server.log.read_text()
     assert str(path) in server.log.read_text()
+
+
+@pytest.mark.parametrize(
+    "username",
+    [
+        pytest.param("al\x00ice", id="nul"),
+        pytest.param("a" * 10_000, id="long"),
+    ],
+)
+def test_token_impossible_username_is_401(server, username: str) -> None:
+    response = httpx.post(
+        f"{server.url}/token", data={"username": username, "password": "whatever1"}
+    )
+
+    assert response.status_code == 401
+    assert response.json()["detail"] == "Incorrect username or password."

@@ -46,6 +46,10 @@ def test_session_without_valid_key_is_401(server: Server, body: dict) -> None:
         pytest.param({"vcpu_count": 0}, 422, id="no-vcpus"),
         pytest.param({"env": {"1BAD": "x"}}, 422, id="env-bad-name"),
         pytest.param({"env": {"A": "x\x00y"}}, 422, id="env-nul"),
+        pytest.param({"env": {"A": "x" * 200_000}}, 422, id="env-value-too-long"),
+        pytest.param(
+            {"env": {f"A{i}": "x" for i in range(20_000)}}, 422, id="env-too-many"
+        ),
         pytest.param({"metadata": [1, 2]}, 422, id="metadata-list"),
     ],
 )

@@ -371,3 +371,27 @@ def test_kill_during_first_spawn_reports_killed(
     assert killed.json()["outcome"] == "killed"
     assert executed.status_code in (200, 409), executed.text
     assert vm_processes(killed.json()["vm_id"]) == []
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        pytest.param("/kill", {"session_id": "0000\x00"}, id="kill-nul-id"),
+        pytest.param(
+            "/v1/sessions/session", {"metadata": {"k": "a\x00b"}}, id="nul-metadata"
+        ),
+        pytest.param("/v1/api-keys/", {"name": "n" * 100 + "\x00"}, id="nul-key-name"),
+    ],
+)
+def test_nul_characters_never_5xx(alice: httpx.Client, path: str, body: dict) -> None:
+    response = alice.post(path, json=body)
+
+    assert response.status_code < 500, response.text
+
+
+def test_token_nul_username_is_401(cluster: Cluster) -> None:
+    response = httpx.post(
+        f"{cluster.urls[0]}/token", data={"username": "al\x00ice", "password": "x" * 9}
+    )
+
+    assert response.status_code == 401
