@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from datetime import datetime
 
 from pydantic import ValidationError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 
 from fleetvm.errors import FleetvmError
 from fleetvm.logs import configure_logging
@@ -122,6 +125,11 @@ WORKER_COLUMNS = (
 )
 
 
+def _json_value(value: object) -> str:
+    # Timestamps in the ISO 8601 form the API uses.
+    return value.isoformat() if isinstance(value, datetime) else str(value)
+
+
 def print_workers(args: argparse.Namespace, settings: Settings) -> None:
     import json
 
@@ -138,7 +146,7 @@ def print_workers(args: argparse.Namespace, settings: Settings) -> None:
     with database.session() as db:
         workers = list_workers(db, settings)
     if args.json:
-        print(json.dumps(workers, default=str, indent=2))
+        print(json.dumps(workers, default=_json_value, indent=2))
         return
     if not workers:
         print("no workers registered")
@@ -191,6 +199,26 @@ def main(argv: list[str] | None = None) -> None:
     except FleetvmError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         raise SystemExit(2) from None
+    except (NoSuchModuleError, ArgumentError) as exc:
+        raise SystemExit(
+            f"error: invalid database.url {_redacted(settings.database_url)!r} "
+            f"({exc}); for PostgreSQL use postgresql+psycopg://USER@HOST/DB."
+        ) from None
+    except OperationalError as exc:
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        raise SystemExit(
+            f"error: cannot use the database at "
+            f"{_redacted(settings.database_url)}: {reason}. Check database.url "
+            "and that the server is running and the database exists."
+        ) from None
+
+
+def _redacted(url: str) -> str:
+    """Return a database URL without its password, for messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url.split("@")[-1]
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tests.harness import base_env, fleetvm_command
+import pytest
+
+from tests.harness import base_env, fleetvm_command, free_port
 
 
 def fleetvm(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -71,3 +73,31 @@ def test_cli_worker_needs_id(tmp_path: Path) -> None:
 
     assert result.returncode != 0
     assert "needs the id of this node" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        pytest.param(
+            "postgres://u@127.0.0.1/x", "use postgresql+psycopg://", id="old-scheme"
+        ),
+        pytest.param(
+            f"postgresql+psycopg://u:secret@127.0.0.1:{free_port()}/x",
+            "cannot use the database at postgresql+psycopg://u:***@",
+            id="unreachable",
+        ),
+    ],
+)
+def test_cli_bad_database_url(tmp_path: Path, url: str, message: str) -> None:
+    result = subprocess.run(
+        fleetvm_command("workers"),
+        env={**base_env(tmp_path, 0), "FLEETVM_DATABASE__URL": url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "secret" not in result.stderr
