@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from fleetvm.replies import BACKEND_PATH
 from fleetvm.settings import Settings
 
 TASK_SPAWN = "fleetvm.spawn_vm"
@@ -19,7 +20,12 @@ TASK_EXECUTE_ASYNC = "fleetvm.execute_async"
 
 
 def make_celery(settings: Settings) -> Celery:
-    app = Celery("fleetvm", broker=settings.broker_url, backend=settings.result_url)
+    backend = settings.result_url
+    if backend == "rpc://":
+        # Results come back as messages; see fleetvm.replies for why the
+        # sending side does not use Celery's per-thread reply queues.
+        backend = BACKEND_PATH
+    app = Celery("fleetvm", broker=settings.broker_url, backend=backend)
     app.conf.update(
         task_serializer="json",
         result_serializer="json",

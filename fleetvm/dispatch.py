@@ -13,6 +13,8 @@ A worker returns ``{"ok": true, ...}`` or ``{"ok": false, "error": code,
 from __future__ import annotations
 
 import logging
+import threading
+import uuid
 from typing import Any
 
 from amqp.exceptions import AMQPError
@@ -31,6 +33,7 @@ from fleetvm.celery_app import (
     TASK_UPLOAD,
 )
 from fleetvm.errors import Unavailable, WorkerTimeout, error_from_code
+from fleetvm.replies import BACKEND_PATH, ReplyListener
 from fleetvm.settings import queue_name
 
 logger = logging.getLogger(__name__)
@@ -50,6 +53,22 @@ class Dispatcher:
     def __init__(self, app: Celery, spawn_timeout: float) -> None:
         self.app = app
         self.spawn_timeout = spawn_timeout
+        self._replies: ReplyListener | None = None
+        self._replies_lock = threading.Lock()
+
+    def _reply_listener(self) -> ReplyListener | None:
+        """Return this process's reply listener when results travel as messages."""
+        if self.app.conf.result_backend != BACKEND_PATH:
+            return None
+        with self._replies_lock:
+            if self._replies is None:
+                self._replies = ReplyListener(self.app)
+        return self._replies
+
+    def close(self) -> None:
+        """Stop the reply listener, if this dispatcher started one."""
+        if self._replies is not None:
+            self._replies.stop()
 
     def spawn(self, worker_id: str, vm_id: str) -> dict[str, Any]:
         return self._call(
@@ -87,7 +106,9 @@ class Dispatcher:
             "code": code,
             "timeout": timeout,
         }
-        result = self._send(TASK_EXECUTE_ASYNC, worker_id, kwargs, start_timeout)
+        result = self._send(
+            TASK_EXECUTE_ASYNC, worker_id, kwargs, start_timeout, wait=False
+        )
         logger.info(
             "sent %s[%s] for execution %s to worker %s",
             TASK_EXECUTE_ASYNC,
@@ -139,10 +160,18 @@ class Dispatcher:
         worker_id: str,
         kwargs: dict[str, Any],
         expires: float | None = None,
+        wait: bool = True,
+        **options: Any,
     ):
+        # A task nobody waits for asks for no result, so no worker sends one.
         try:
             return self.app.send_task(
-                task, kwargs=kwargs, queue=queue_name(worker_id), expires=expires
+                task,
+                kwargs=kwargs,
+                queue=queue_name(worker_id),
+                expires=expires,
+                ignore_result=not wait,
+                **options,
             )
         except CONNECTION_ERRORS as exc:
             raise Unavailable(
@@ -151,7 +180,7 @@ class Dispatcher:
             ) from exc
 
     def _cast(self, task: str, worker_id: str, kwargs: dict[str, Any]) -> str:
-        result = self._send(task, worker_id, kwargs)
+        result = self._send(task, worker_id, kwargs, wait=False)
         logger.info(
             "sent %s[%s] to worker %s",
             task,
@@ -174,16 +203,75 @@ class Dispatcher:
         With ``expires``, a worker discards the task if it reaches it after the
         caller stopped waiting, so no command runs after its caller gave up.
         """
+        replies = self._reply_listener()
+        if replies is not None:
+            answer = self._call_through_listener(
+                replies, task, worker_id, kwargs, timeout, expires
+            )
+        else:
+            answer = self._call_through_backend(
+                task, worker_id, kwargs, timeout, expires
+            )
+        if not answer.get("ok"):
+            raise error_from_code(answer.get("error", ""), answer.get("message", ""))
+        return answer
+
+    def _call_through_listener(
+        self,
+        replies: ReplyListener,
+        task: str,
+        worker_id: str,
+        kwargs: dict[str, Any],
+        timeout: float,
+        expires: bool,
+    ) -> dict[str, Any]:
+        if not replies.wait_ready(timeout):
+            raise Unavailable(
+                f"Could not send {task} for VM {kwargs.get('vm_id')}: no reply "
+                "queue on the broker. Try again."
+            )
+        task_id = str(uuid.uuid4())
+        replies.expect(task_id)
+        try:
+            self._send(
+                task,
+                worker_id,
+                kwargs,
+                timeout if expires else None,
+                task_id=task_id,
+                reply_to=replies.queue_name,
+            )
+        except Unavailable:
+            replies.cancel(task_id)
+            raise
+        meta = replies.wait(task_id, timeout)
+        if meta is None:
+            raise WorkerTimeout(
+                _timeout_message(worker_id, task, task_id, kwargs, timeout)
+            )
+        if meta.get("status") != "SUCCESS" or not isinstance(meta.get("result"), dict):
+            raise Unavailable(
+                f"{task}[{task_id}] for VM {kwargs.get('vm_id')} failed on worker "
+                f"{worker_id!r}; its log has the details."
+            )
+        return meta["result"]
+
+    def _call_through_backend(
+        self,
+        task: str,
+        worker_id: str,
+        kwargs: dict[str, Any],
+        timeout: float,
+        expires: bool,
+    ) -> dict[str, Any]:
         result = self._send(task, worker_id, kwargs, timeout if expires else None)
         try:
-            answer = result.get(
+            return result.get(
                 timeout=timeout, propagate=True, disable_sync_subtasks=False
             )
         except CeleryTimeoutError as exc:
             raise WorkerTimeout(
-                f"Worker {worker_id!r} did not respond to {task}[{result.id}] for VM "
-                f"{kwargs.get('vm_id')} within {timeout:.0f} s. It may be down or "
-                "busy; try again later."
+                _timeout_message(worker_id, task, result.id, kwargs, timeout)
             ) from exc
         except CONNECTION_ERRORS as exc:
             raise Unavailable(
@@ -202,9 +290,6 @@ class Dispatcher:
             ) from exc
         finally:
             _forget(result)
-        if not answer.get("ok"):
-            raise error_from_code(answer.get("error", ""), answer.get("message", ""))
-        return answer
 
     def _discard_result_backend(self) -> None:
         # NOTE: Celery keeps one result backend per thread in the private
@@ -218,3 +303,13 @@ def _forget(result) -> None:
         result.forget()
     except (*CONNECTION_ERRORS, RuntimeError):
         logger.debug("could not forget result of task %s", result.id)
+
+
+def _timeout_message(
+    worker_id: str, task: str, task_id: str, kwargs: dict[str, Any], timeout: float
+) -> str:
+    return (
+        f"Worker {worker_id!r} did not respond to {task}[{task_id}] for VM "
+        f"{kwargs.get('vm_id')} within {timeout:.0f} s. It may be down or busy; "
+        "try again later."
+    )

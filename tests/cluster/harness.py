@@ -7,6 +7,7 @@ id unique to the run, so runs sharing a broker never read each other's queues.
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import signal
@@ -197,4 +198,8 @@ class Cluster:
             if self.data_dir(worker_id).exists():
                 kill_leftover_vms(self.data_dir(worker_id))
         self.engine.dispose()
+        keep = os.environ.get("CLUSTER_LOGS_DIR")
+        if keep:
+            for log in self.root.glob("*.log"):
+                shutil.copy(log, Path(keep) / f"{self.run_id}-{log.name}")
         shutil.rmtree(self.root, ignore_errors=True)

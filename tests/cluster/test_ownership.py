@@ -41,11 +41,15 @@ def _sender(cluster: Cluster) -> Iterator[tuple[Database, Dispatcher]]:
     settings = cluster.settings()
     database = Database(settings)
     app = make_celery(settings)
-    yield database, Dispatcher(app, spawn_timeout=20)
+    dispatcher = Dispatcher(app, spawn_timeout=20)
+    yield database, dispatcher
+    dispatcher.close()
     # Celery's close() drops its connection pool without closing it.
     consumer = getattr(app.backend, "result_consumer", None)
-    if consumer is not None:
+    try:
         consumer.stop()
+    except AttributeError:
+        pass  # no backend consumer, or one that never started
     app.pool.force_close_all()
     # kombu keeps producer pools per connection URL for the whole process;
     # drop them so the next app on this broker opens new connections.
