@@ -734,11 +734,14 @@ class ProcessDriver:
         finally:
             os.close(fd)
 
-    def _matcher(self, vm_id: str, state: VmState | None) -> ProcessMatcher:
+    def _matcher(
+        self, vm_id: str, state: VmState | None, pid_namespace: int | None = None
+    ) -> ProcessMatcher:
         members: set[int] = set()
         for cgroup in _vm_cgroups(vm_id):
             members |= _cgroup_members(cgroup)
-        pid_namespace = state.pid_namespace if state else None
+        if state is not None:
+            pid_namespace = state.pid_namespace
         if pid_namespace == _pid_namespace(os.getpid()):
             # A state that names the driver's own namespace would match every
             # process of the host.
@@ -761,9 +764,18 @@ class ProcessDriver:
         deadline = time.monotonic() + timeout
         found: set[int] = set()
         interval = 0.001
+        learned_namespace: int | None = None
         while True:
-            matcher = self._matcher(vm_id, state)
+            matcher = self._matcher(vm_id, state, learned_namespace)
             survivors = _find_processes(matcher)
+            if state is None and learned_namespace is None:
+                # Without a state file, the VM's PID namespace is learnt from
+                # the processes its environment variable finds. The namespace
+                # also holds processes that dropped the variable, and they die
+                # only after its init, so the loop must wait for them too.
+                learned_namespace = _sandbox_namespace(survivors)
+                if learned_namespace is not None:
+                    continue
             if not survivors:
                 return len(found)
             if time.monotonic() >= deadline:
@@ -856,3 +868,10 @@ def _cgroup_parents_locked() -> Iterator[None]:
                 stack.callback(os.close, fd)
                 fcntl.flock(fd, fcntl.LOCK_SH)
         yield
+
+
+def _sandbox_namespace(pids: list[int]) -> int | None:
+    """Return the one PID namespace other than the host's that ``pids`` use."""
+    host = _pid_namespace(os.getpid())
+    namespaces = {_pid_namespace(pid) for pid in pids} - {host, None}
+    return namespaces.pop() if len(namespaces) == 1 else None
