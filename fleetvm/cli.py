@@ -9,6 +9,7 @@ import sys
 from pydantic import ValidationError
 
 from fleetvm.errors import FleetvmError
+from fleetvm.image.command import add_image_parser, run_image_command
 from fleetvm.logs import configure_logging
 from fleetvm.settings import Settings
 
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     create_key.add_argument("name", help="the user who owns the key")
     create_key.add_argument("--label", default="cli", help="a name for the key")
+    add_image_parser(commands)
     return parser
 
 
@@ -113,6 +115,8 @@ def main(argv: list[str] | None = None) -> None:
             from fleetvm.worker.main import run_worker
 
             run_worker(settings)
+        elif args.command == "image":
+            run_image_command(args, settings)
         else:
             run_account_command(args, settings)
     except FleetvmError as exc:
