@@ -136,8 +136,12 @@ class MultinodeSettings(BaseModel):
 
 
 class VmSettings(BaseModel):
-    driver: Literal["process"] = Field(
-        default="process", description="VM driver: 'process' (sandboxed processes)."
+    driver: Literal["process", "qemu"] = Field(
+        default="process",
+        description=(
+            "VM driver: 'process' (sandboxed processes) or 'qemu' (a QEMU microvm "
+            "guest with its own kernel; see the qemu section)."
+        ),
     )
     sandbox: Literal["auto", "bubblewrap", "none"] = Field(
         default="auto",
@@ -208,6 +212,59 @@ class VmSettings(BaseModel):
     )
 
 
+class QemuSettings(BaseModel):
+    binary: str = Field(
+        default="qemu-system-x86_64",
+        description="QEMU program of the qemu driver (Debian package qemu-system-x86).",
+    )
+    image_dir: Path | None = Field(
+        default=None,
+        description=(
+            "Directory of the guest image that `fleetvm image build` writes: "
+            "vmlinuz, initramfs.cpio.gz and manifest.json. Empty means "
+            "<data dir>/images/qemu."
+        ),
+    )
+    accel: Literal["auto", "kvm", "tcg"] = Field(
+        default="auto",
+        description=(
+            "QEMU accelerator. 'auto' boots one test guest with KVM when /dev/kvm "
+            "is usable, and uses TCG (emulation, several times slower) when that "
+            "fails or times out; 'kvm' fails instead of falling back."
+        ),
+    )
+    kvm_probe_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description=(
+            "Seconds the KVM test guest has to boot and power off. Some hosts "
+            "have a /dev/kvm whose guests hang, so the probe must time out."
+        ),
+    )
+    boot_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "Seconds a new guest has to boot and answer its first ping. Under TCG "
+            "a boot takes several seconds, more on a busy host."
+        ),
+    )
+    quit_timeout_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        description=(
+            "Seconds QEMU has to exit after a QMP quit before the driver sends SIGKILL."
+        ),
+    )
+    network: bool = Field(
+        default=False,
+        description=(
+            "Give guests QEMU's user-mode network (outbound connections through "
+            "the host). Off means guests have no network device."
+        ),
+    )
+
+
 class KillSettings(BaseModel):
     wait_seconds: float = Field(
         default=15.0,
@@ -241,6 +298,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     multinode: MultinodeSettings = MultinodeSettings()
     vm: VmSettings = VmSettings()
+    qemu: QemuSettings = QemuSettings()
     kill: KillSettings = KillSettings()
 
     @field_validator("multinode")
