@@ -200,7 +200,11 @@ class VmSettings(BaseModel):
     spawn_timeout_seconds: float = Field(
         default=20.0,
         gt=0,
-        description="Seconds a new VM has to respond to its first ping.",
+        description=(
+            "Seconds a new VM has to respond to its first ping. A qemu guest "
+            "under TCG boots in several seconds, more on a busy host, so raise "
+            "this to 60 or more there."
+        ),
     )
     reaper_interval_seconds: float = Field(
         default=0.25,
@@ -239,14 +243,6 @@ class QemuSettings(BaseModel):
         description=(
             "Seconds the KVM test guest has to boot and power off. Some hosts "
             "have a /dev/kvm whose guests hang, so the probe must time out."
-        ),
-    )
-    boot_timeout_seconds: float = Field(
-        default=60.0,
-        gt=0,
-        description=(
-            "Seconds a new guest has to boot and answer its first ping. Under TCG "
-            "a boot takes several seconds, more on a busy host."
         ),
     )
     quit_timeout_seconds: float = Field(

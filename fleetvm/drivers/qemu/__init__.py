@@ -110,6 +110,21 @@ class QemuDriver:
                 self._accel = self._choose_accel()
             return self._accel
 
+    @property
+    def sandbox(self) -> str:
+        """Isolation of new VMs, such as "qemu-microvm+tcg".
+
+        The worker reads this at start, so the KVM probe runs then and not in
+        the first spawn. When the image is missing, or qemu.accel is "kvm" and
+        KVM fails, it logs why and returns "unavailable", and spawns raise
+        DriverError until that is fixed.
+        """
+        try:
+            return f"qemu-microvm+{self.accel}"
+        except DriverError as exc:
+            logger.error("the qemu driver cannot start VMs yet: %s", exc.message)
+            return "unavailable"
+
     def spawn(self, spec: VmSpec) -> SpawnResult:
         vm_id = _check_vm_id(spec.vm_id)
         _check_env(spec.env)
@@ -254,7 +269,7 @@ class QemuDriver:
     def _wait_until_ready(
         self, vm_id: str, vm_dir: Path, state: QemuState, started: float
     ) -> None:
-        timeout = self._settings.qemu.boot_timeout_seconds
+        timeout = self._settings.vm.spawn_timeout_seconds
         deadline = started + timeout
         while True:
             if self._agent_calls.is_alive(vm_id):
@@ -268,7 +283,7 @@ class QemuDriver:
             if time.monotonic() >= deadline:
                 raise DriverError(
                     f"the guest of VM {vm_id} did not answer within {timeout:g} s "
-                    "(qemu.boot_timeout_seconds)"
+                    "(vm.spawn_timeout_seconds)"
                 )
             time.sleep(BOOT_POLL_SECONDS)
 
