@@ -109,69 +109,109 @@ class FramedPort:
         return bytes(data)
 
 
+class Connection:
+    """The local socket of one channel, and the lock that guards its descriptor.
+
+    Only the channel's pump thread closes the socket, after its last recv, and
+    it does so under the lock. Other threads send to it or shut it down only
+    under the lock and while it is open, so no thread ever uses a descriptor
+    number that a newer socket has reused.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def send(self, payload: bytes) -> bool:
+        with self.lock:
+            if self.closed:
+                return False
+            try:
+                self.sock.sendall(payload)
+            except OSError:
+                return False
+        return True
+
+    def shutdown(self) -> None:
+        """Wake the pump's recv with end of file; the pump then closes."""
+        with self.lock:
+            if self.closed:
+                return
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            self.sock.close()
+
+
 class Switchboard:
     """The open channels of one port, each bound to a local stream socket."""
 
     def __init__(self, port: FramedPort) -> None:
         self.port = port
         self._lock = threading.Lock()
-        self._sockets: dict[int, socket.socket] = {}
+        self._connections: dict[int, Connection] = {}
 
-    def register(self, channel: int, sock: socket.socket) -> None:
+    def register(self, channel: int, sock: socket.socket) -> Connection:
+        connection = Connection(sock)
         with self._lock:
-            self._sockets[channel] = sock
+            self._connections[channel] = connection
+        return connection
 
-    def start_pump(self, channel: int, sock: socket.socket) -> None:
+    def start_pump(self, channel: int, connection: Connection) -> None:
         thread = threading.Thread(
-            target=self._pump, args=(channel, sock), name=f"channel-{channel}"
+            target=self._pump, args=(channel, connection), name=f"channel-{channel}"
         )
         thread.daemon = True
         thread.start()
 
     def deliver(self, channel: int, payload: bytes) -> None:
         with self._lock:
-            sock = self._sockets.get(channel)
-        if sock is None:
-            return
-        try:
-            sock.sendall(payload)
-        except OSError:
+            connection = self._connections.get(channel)
+        if connection is not None and not connection.send(payload):
             self.close(channel, notify=True)
 
     def close(self, channel: int, notify: bool) -> None:
         with self._lock:
-            sock = self._sockets.pop(channel, None)
-        if sock is None:
+            connection = self._connections.pop(channel, None)
+        if connection is None:
             return
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        sock.close()
+        connection.shutdown()
         if notify:
             self.port.send(channel, CLOSE)
 
     def close_all(self) -> None:
         with self._lock:
-            channels = list(self._sockets)
+            channels = list(self._connections)
         for channel in channels:
             self.close(channel, notify=False)
 
-    def _pump(self, channel: int, sock: socket.socket) -> None:
-        """Forward what the local socket receives until it closes."""
-        while True:
-            try:
-                chunk = sock.recv(MAX_FRAME_BYTES)
-            except OSError:
-                chunk = b""
-            if not chunk:
-                self.close(channel, notify=True)
-                return
-            with self._lock:
-                open_now = channel in self._sockets
-            if not open_now:
-                return
-            self.port.send(channel, DATA, chunk)
+    def _is_open(self, channel: int, connection: Connection) -> bool:
+        with self._lock:
+            return self._connections.get(channel) is connection
+
+    def _pump(self, channel: int, connection: Connection) -> None:
+        """Forward what the local socket receives until it closes, then close it."""
+        try:
+            while True:
+                try:
+                    chunk = connection.sock.recv(MAX_FRAME_BYTES)
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    if self._is_open(channel, connection):
+                        self.close(channel, notify=True)
+                    return
+                if not self._is_open(channel, connection):
+                    return
+                self.port.send(channel, DATA, chunk)
+        finally:
+            connection.close()
 
 
 def run_host(serial_path: str, listen_path: str, hello_path: str) -> None:
@@ -180,15 +220,19 @@ def run_host(serial_path: str, listen_path: str, hello_path: str) -> None:
         hello = file.read()
     listener = _bind_unix(listen_path)
     serial = _connect_serial(serial_path)
-    port = FramedPort(serial.fileno())
+    serve_host(FramedPort(serial.fileno()), listener, hello)
+    # The port closed: QEMU exited, so the relay has nothing left to serve.
+    logger.info("serial port closed, exiting")
+
+
+def serve_host(port: FramedPort, listener: socket.socket, hello: bytes) -> None:
+    """Send HELLO, then relay the listener's connections until the port closes."""
     board = Switchboard(port)
     port.send(0, HELLO, hello)
     thread = threading.Thread(target=_accept_loop, args=(listener, board))
     thread.daemon = True
     thread.start()
     _route_frames(board, on_open=None)
-    # The port closed: QEMU exited, so the relay has nothing left to serve.
-    logger.info("serial port closed, exiting")
 
 
 def _accept_loop(listener: socket.socket, board: Switchboard) -> None:
@@ -197,14 +241,16 @@ def _accept_loop(listener: socket.socket, board: Switchboard) -> None:
         try:
             conn, _ = listener.accept()
         except OSError as exc:
+            if listener.fileno() == -1:
+                return
             logger.warning("accepting a connection failed: %s", exc)
             time.sleep(POLL_INTERVAL_SECONDS)
             continue
         channel = channel % 0xFFFFFFFF + 1
         # Registered before OPEN, so that a CLOSE from the guest finds it.
-        board.register(channel, conn)
+        connection = board.register(channel, conn)
         board.port.send(channel, OPEN)
-        board.start_pump(channel, conn)
+        board.start_pump(channel, connection)
 
 
 def _connect_serial(path: str) -> socket.socket:
@@ -224,8 +270,12 @@ def _connect_serial(path: str) -> socket.socket:
 def _route_frames(board: Switchboard, on_open) -> None:
     """Read frames until the port closes, and act on each."""
     while True:
-        frame = board.port.receive()
+        try:
+            frame = board.port.receive()
+        except (ChannelError, OSError):
+            frame = None
         if frame is None:
+            board.close_all()
             return
         channel, kind, payload = frame
         if kind == DATA:
@@ -248,6 +298,12 @@ def run_guest(port_name: str, agent_path: str, socket_path: str) -> None:
     hello = _receive_hello(port)
     agent = _start_agent(agent_path, socket_path, hello)
     _start_reaper(agent)
+    serve_guest(port, socket_path)
+    raise ChannelError("the host closed the serial port")
+
+
+def serve_guest(port: FramedPort, socket_path: str) -> None:
+    """Connect each channel the host opens to the agent, until the port closes."""
     board = Switchboard(port)
 
     def open_channel(channel: int) -> None:
@@ -259,11 +315,9 @@ def run_guest(port_name: str, agent_path: str, socket_path: str) -> None:
             sock.close()
             port.send(channel, CLOSE)
             return
-        board.register(channel, sock)
-        board.start_pump(channel, sock)
+        board.start_pump(channel, board.register(channel, sock))
 
     _route_frames(board, on_open=open_channel)
-    raise ChannelError("the host closed the serial port")
 
 
 def _find_port(name: str) -> str:
