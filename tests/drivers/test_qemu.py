@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -220,6 +222,40 @@ def test_new_driver_adopts_running_vm(tmp_path, image_dir):
     assert killed.was_running is True
     assert wait_for(lambda: processes_of_vm(vm_id) == [], timeout=5)
     assert not (data_dir / "vms" / vm_id).exists()
+
+
+def test_network_reaches_host_loopback(tmp_path, image_dir):
+    """With qemu.network on, the guest reaches the host's 127.0.0.1 at 10.0.2.2."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    thread = threading.Thread(target=_greet_once, args=(server,), daemon=True)
+    thread.start()
+    driver = make_qemu_driver(tmp_path / "data", image_dir, network=True)
+    vm_id = new_vm_id()
+    code = (
+        "import socket\n"
+        f"with socket.create_connection(('10.0.2.2', {port}), timeout=10) as s:\n"
+        "    print(s.recv(100).decode())"
+    )
+    try:
+        driver.spawn(VmSpec(vm_id=vm_id, memory_mb=256, vcpu_count=1))
+        devices = driver.execute(vm_id, "bash", "ls /sys/class/net", 30)
+        result = driver.execute(vm_id, "python", code, 30)
+    finally:
+        kill_leftovers(driver, [vm_id])
+        server.close()
+
+    assert devices.stdout.split() == ["eth0", "lo"]
+    assert result.stdout == "hello from the host\n", result.stderr
+
+
+def _greet_once(server: socket.socket) -> None:
+    try:
+        conn, _ = server.accept()
+    except OSError:
+        return
+    with conn:
+        conn.sendall(b"hello from the host")
 
 
 def test_spawn_timeout_cleans_up(tmp_path, image_dir):
