@@ -764,8 +764,12 @@ with open(reply_path, "rb") as file:
     reply = file.read()
 dir_fd = os.open(directory, os.O_PATH)
 listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-listener.bind(f"/proc/self/fd/{dir_fd}/agent.sock")
+# Bound under another name and renamed once listening, because the test
+# connects as soon as agent.sock exists.
+path = f"/proc/self/fd/{dir_fd}/agent.sock"
+listener.bind(path + ".tmp")
 listener.listen(8)
+os.rename(path + ".tmp", path)
 while True:
     conn, _ = listener.accept()
     try:
