@@ -3,7 +3,7 @@
 Boots guests one after another with QemuDriver on a temporary data directory,
 and prints the median and p99 of each figure:
 
-- boot: ``spawn`` until the guest agent answers a ping through the relay;
+- boot: ``spawn`` until the guest agent responds to a ping through the relay;
 - first execute: the first ``print(1)``, which waits for the Python kernel;
 - warm execute: later ``print(1)`` calls in the same guest;
 - kill: QMP quit until QEMU and the relay are gone and the directory removed.

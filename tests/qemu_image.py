@@ -1,9 +1,9 @@
 """The QEMU guest image for tests, built once per set of inputs and kept.
 
 Building takes a few seconds plus the kernel package's download, so images
-are kept under FLEETVM_TEST_IMAGE_CACHE (default ~/.cache/fleetvm/test-images)
-in a directory named by the hash of the inputs: the guest sources and the
-versions of the Debian packages that go in.
+are kept under FLEETVM_TEST_IMAGE_CACHE (default ~/.cache/fleetvm/test-images).
+Each is in a directory named by the hash of its inputs, which are the guest
+sources and the versions of the Debian packages that go in.
 """
 
 from __future__ import annotations

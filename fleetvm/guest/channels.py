@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import socket
 import struct
@@ -49,7 +50,7 @@ logger = logging.getLogger("fleetvm.guest.channels")
 
 HEADER = struct.Struct(">IBI")
 HELLO, OPEN, DATA, CLOSE = 1, 2, 3, 4
-# Largest payload of one frame; longer reads are split into several frames.
+# Largest payload of one frame. Longer reads are split into several frames.
 MAX_FRAME_BYTES = 64 * 1024
 # Largest HELLO payload: an environment of up to 256 KiB, JSON-escaped.
 MAX_HELLO_BYTES = 2 * 1024 * 1024
@@ -134,7 +135,7 @@ class Connection:
         return True
 
     def shutdown(self) -> None:
-        """Wake the pump's recv with end of file; the pump then closes."""
+        """Wake the pump's recv with end of file, so that the pump closes the socket."""
         with self.lock:
             if self.closed:
                 return
@@ -269,6 +270,7 @@ def _connect_serial(path: str) -> socket.socket:
 
 def _route_frames(board: Switchboard, on_open) -> None:
     """Read frames until the port closes, and act on each."""
+    ignored = 0
     while True:
         try:
             frame = board.port.receive()
@@ -288,7 +290,15 @@ def _route_frames(board: Switchboard, on_open) -> None:
             # The host side restarted, so its old connections are gone.
             board.close_all()
         else:
-            logger.warning("ignoring frame of kind %d on channel %d", kind, channel)
+            ignored += 1
+            # The guest controls what it sends, so repeats are logged at 1, 10,
+            # 100... frames and cannot fill the host's disk with the relay log.
+            if math.log10(ignored).is_integer():
+                logger.warning(
+                    "ignored %d frames of unknown kinds, the last of kind %d",
+                    ignored,
+                    kind,
+                )
 
 
 def run_guest(port_name: str, agent_path: str, socket_path: str) -> None:

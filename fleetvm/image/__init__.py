@@ -8,7 +8,7 @@ An image is a directory with three files:
   other commands, the shared libraries they need, the kernel modules of the
   virtio-mmio and virtio-serial devices, the guest agent and the init script.
 - ``manifest.json``: the Debian packages and versions that went in, the file
-  sizes, and the key of the inputs, which tells when an image is out of date.
+  sizes, and the key of the inputs, which shows whether an image is out of date.
 """
 
 from __future__ import annotations

@@ -230,7 +230,7 @@ def _module_dependencies(path: Path) -> list[str]:
 
 
 def _add_userland(tree: FileTree) -> set[Path]:
-    """Add Python, bash and busybox; return the shared libraries added for them."""
+    """Add Python, bash and busybox, and return the shared libraries they load."""
     for directory in ("/usr/bin", "/usr/sbin", "/usr/lib", "/usr/lib64"):
         tree.add_dir(directory)
     for link in ("bin", "sbin", "lib", "lib64"):
@@ -271,7 +271,7 @@ def _add_stdlib(tree: FileTree, python_name: str) -> list[Path]:
 
 
 def _add_path(tree: FileTree, path: Path) -> bool:
-    """Add a file, link or directory as it is on the host; return True for files."""
+    """Add a file, link or directory as it is on the host. True means a file."""
     if path.is_symlink():
         tree.add_symlink(str(path), os.readlink(path))
     elif path.is_dir():
@@ -283,8 +283,8 @@ def _add_path(tree: FileTree, path: Path) -> bool:
 
 
 def _add_bytecode(tree: FileTree, path: Path) -> None:
-    # Debian compiles the standard library when the package is installed, and
-    # loading bytecode saves most of Python's start-up time in a slow guest.
+    # Debian compiles the standard library when the package is installed. With
+    # the bytecode in the image, the guest's Python does not compile on start.
     if path.suffix != ".py":
         return
     cache = path.parent / "__pycache__"

@@ -1,7 +1,8 @@
 """Tests of QemuDriver that boot real guests under TCG.
 
-A boot takes about 10 s under TCG, so the read-only tests share one guest and
-only the kill and adoption tests boot their own.
+A boot takes about 8 s under TCG on two cores, so the tests that leave the
+guest as it was share one, and only those that kill or reconfigure a guest
+boot their own.
 """
 
 from __future__ import annotations
@@ -262,7 +263,7 @@ def test_spawn_timeout_cleans_up(tmp_path, image_dir):
     driver = make_qemu_driver(tmp_path / "data", image_dir, spawn_timeout=0.5)
     vm_id = new_vm_id()
 
-    with pytest.raises(DriverError, match="did not answer within 0.5 s"):
+    with pytest.raises(DriverError, match="did not respond to a ping within 0.5 s"):
         driver.spawn(VmSpec(vm_id=vm_id, memory_mb=256, vcpu_count=1))
 
     assert processes_of_vm(vm_id) == []

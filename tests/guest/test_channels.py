@@ -32,7 +32,7 @@ def call(address: Path, request: dict, timeout: float = 30) -> dict | None:
 
 @pytest.fixture
 def relay(tmp_path: Path) -> Iterator[Path]:
-    """Start an agent and both relay halves; yield the host-side socket path."""
+    """Start an agent and both relay halves, and yield the host-side socket path."""
     home = tmp_path / "home"
     home.mkdir()
     agent_socket = tmp_path / "agent-inside.sock"

@@ -13,10 +13,11 @@ directory:
   ``agent.sock`` as the process driver's agent does and carries each
   connection over the serial port (``fleetvm.guest.channels``). So the agent
   calls of the process driver work unchanged.
-- ``console.log``, ``qemu.log`` and ``relay.log``: the guest's serial console
-  and the output of QEMU and of the relay.
+- ``qemu.log`` and ``relay.log``: the output of QEMU and of the relay. The
+  guest's serial console is a 64 KiB ring buffer inside QEMU, which a failed
+  spawn reads through QMP for its error message.
 - ``hello.json``: the guest's environment, read by the relay at start and
-  removed once the guest answers.
+  removed once the guest responds.
 
 Isolation: the guest has its own kernel, its memory is ``memory_mb`` and its
 vCPUs are ``vcpu_count``. It has no network device unless ``qemu.network`` is
@@ -56,8 +57,13 @@ from fleetvm.drivers.process.sandbox import VM_ID_ENV
 from fleetvm.drivers.process.state import VmState
 from fleetvm.drivers.process.validation import _check_env, _check_vm_id
 from fleetvm.drivers.process.vm_dir import SOCKET_FILE, _read_tail, _remove_tree
-from fleetvm.drivers.qemu.launch import CONSOLE_FILE, probe_kvm, qemu_argv
-from fleetvm.drivers.qemu.qmp import QmpError, quit_vm
+from fleetvm.drivers.qemu.launch import (
+    CONSOLE_BUFFER_BYTES,
+    CONSOLE_DEVICE,
+    probe_kvm,
+    qemu_argv,
+)
+from fleetvm.drivers.qemu.qmp import QmpError, quit_vm, read_ring_buffer
 from fleetvm.errors import DriverError, InvalidRequest
 from fleetvm.guest import channels as guest_channels
 from fleetvm.image import image_files
@@ -104,7 +110,7 @@ class QemuDriver:
 
     @property
     def accel(self) -> str:
-        """Accelerator of new VMs, "kvm" or "tcg"; the first access may probe KVM."""
+        """Accelerator of new VMs, "kvm" or "tcg". The first access may probe KVM."""
         with self._probe_lock:
             if self._accel is None:
                 self._accel = self._choose_accel()
@@ -274,26 +280,31 @@ class QemuDriver:
         while True:
             if self._agent_calls.is_alive(vm_id):
                 return
-            for pid, start_time, what in (
+            for pid, start_time, process_name in (
                 (state.pid, state.start_time, "QEMU"),
                 (state.relay_pid, state.relay_start_time, "the relay"),
             ):
                 if _start_time(pid) != start_time:
-                    raise DriverError(f"{what} of VM {vm_id} exited during boot")
+                    raise DriverError(
+                        f"{process_name} of VM {vm_id} exited during boot"
+                    )
             if time.monotonic() >= deadline:
                 raise DriverError(
-                    f"the guest of VM {vm_id} did not answer within {timeout:g} s "
-                    "(vm.spawn_timeout_seconds)"
+                    f"the guest of VM {vm_id} did not respond to a ping within "
+                    f"{timeout:g} s (vm.spawn_timeout_seconds)"
                 )
             time.sleep(BOOT_POLL_SECONDS)
 
     def _abort_spawn(self, vm_id: str, vm_dir: Path, exc: Exception) -> DriverError:
         """Kill what a failed spawn started and return the error to raise."""
         logs = []
-        for name in (QEMU_LOG_FILE, RELAY_LOG_FILE, CONSOLE_FILE):
+        for name in (QEMU_LOG_FILE, RELAY_LOG_FILE):
             tail = _read_tail(vm_dir / name, 1500)
             if tail:
                 logs.append(f"{name}: {tail}")
+        console = self._read_console(vm_dir)
+        if console:
+            logs.append(f"guest console: {console[-1500:]}")
         logger.error(
             "spawning VM %s failed: %s\n%s",
             vm_id,
@@ -315,6 +326,18 @@ class QemuDriver:
         if logs:
             message += "; " + logs[0]
         return DriverError(f"spawning VM {vm_id} failed: {message}")
+
+    def _read_console(self, vm_dir: Path) -> str:
+        try:
+            text = read_ring_buffer(
+                vm_dir,
+                CONSOLE_DEVICE,
+                CONSOLE_BUFFER_BYTES,
+                self._settings.qemu.quit_timeout_seconds,
+            )
+        except QmpError:
+            return ""
+        return text.strip()
 
     def _end_processes(self, vm_id: str, vm_dir: Path, state: QemuState | None) -> int:
         """Quit QEMU, SIGKILL every process of the VM, and wait until none is left.

@@ -1,4 +1,4 @@
-"""A minimal QMP client: enough to ask QEMU to quit.
+"""A minimal QMP client: enough to quit QEMU and read the guest's console.
 
 QMP sends one JSON object per line. The server greets with {"QMP": ...}, and
 accepts commands only after ``qmp_capabilities``. Events may arrive between a
@@ -19,20 +19,34 @@ MAX_LINE_BYTES = 64 * 1024
 
 
 class QmpError(Exception):
-    """QMP was not reachable, or answered with an error or out of time."""
+    """QMP was not reachable, returned an error, or timed out."""
 
 
 def quit_vm(vm_dir: Path, timeout: float) -> None:
     """Send ``quit`` to the QEMU of vm_dir. QEMU exits shortly after it replies."""
+    run_command(vm_dir, "quit", {}, timeout)
+
+
+def read_ring_buffer(vm_dir: Path, device: str, size: int, timeout: float) -> str:
+    """Return up to size bytes of a ringbuf character device, as text."""
+    arguments = {"device": device, "size": size, "format": "utf8"}
+    reply = run_command(vm_dir, "ringbuf-read", arguments, timeout)
+    return reply.get("return", "")
+
+
+def run_command(vm_dir: Path, command: str, arguments: dict, timeout: float) -> dict:
+    """Run one QMP command on the QEMU of vm_dir and return its reply."""
     deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         _connect(sock, vm_dir)
         reader = sock.makefile("rb")
         _read_reply(reader, deadline, greeting=True)
-        for command in ("qmp_capabilities", "quit"):
-            sock.sendall(json.dumps({"execute": command}).encode() + b"\n")
-            _read_reply(reader, deadline)
+        sock.sendall(json.dumps({"execute": "qmp_capabilities"}).encode() + b"\n")
+        _read_reply(reader, deadline)
+        message = {"execute": command, "arguments": arguments}
+        sock.sendall(json.dumps(message).encode() + b"\n")
+        return _read_reply(reader, deadline)
 
 
 def _connect(sock: socket.socket, vm_dir: Path) -> None:
