@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: invalid settings:\n{exc}") from None
 
     try:
-        if args.command == "serve":
+        if args.command == "image":
+            run_image_command(args, settings)
+        elif args.command == "serve":
             from fleetvm.embedded import serve
 
             serve(settings)
@@ -115,8 +117,6 @@ def main(argv: list[str] | None = None) -> None:
             from fleetvm.worker.main import run_worker
 
             run_worker(settings)
-        elif args.command == "image":
-            run_image_command(args, settings)
         else:
             run_account_command(args, settings)
     except FleetvmError as exc:
