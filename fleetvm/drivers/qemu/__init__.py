@@ -52,6 +52,7 @@ from fleetvm.drivers.process.procfs import (
     ProcessMatcher,
     _find_processes,
     _kill_if_matching,
+    _process_status,
     _start_time,
 )
 from fleetvm.drivers.process.sandbox import VM_ID_ENV
@@ -61,6 +62,7 @@ from fleetvm.drivers.process.vm_dir import SOCKET_FILE, _read_tail, _remove_tree
 from fleetvm.drivers.qemu.launch import (
     CONSOLE_BUFFER_BYTES,
     CONSOLE_DEVICE,
+    SERIAL_SOCKET_FILE,
     probe_kvm,
     qemu_argv,
 )
@@ -139,7 +141,7 @@ class QemuDriver(AgentSocketDriver):
         with self._vm_lock(vm_dir):
             try:
                 state = self._start(vm_dir, spec, accel)
-                self._wait_until_ready(vm_id, vm_dir, state, started)
+                self._wait_until_ready(vm_id, state, started)
             except Exception as exc:
                 raise self._abort_spawn(vm_id, vm_dir, exc) from exc
             (vm_dir / HELLO_FILE).unlink(missing_ok=True)
@@ -243,7 +245,7 @@ class QemuDriver(AgentSocketDriver):
         state.write(vm_dir)
 
         relay_argv = [sys.executable, "-I", "-S", CHANNELS_FILE, "host"]
-        relay_argv += ["--serial", "serial.sock", "--listen", SOCKET_FILE]
+        relay_argv += ["--serial", SERIAL_SOCKET_FILE, "--listen", SOCKET_FILE]
         relay_argv += ["--hello", HELLO_FILE]
         relay = _start_detached(relay_argv, vm_dir, RELAY_LOG_FILE, spec.vm_id)
         state = replace(
@@ -252,9 +254,7 @@ class QemuDriver(AgentSocketDriver):
         state.write(vm_dir)
         return state
 
-    def _wait_until_ready(
-        self, vm_id: str, vm_dir: Path, state: QemuState, started: float
-    ) -> None:
+    def _wait_until_ready(self, vm_id: str, state: QemuState, started: float) -> None:
         timeout = self._settings.vm.spawn_timeout_seconds
         deadline = started + timeout
         while True:
@@ -264,7 +264,7 @@ class QemuDriver(AgentSocketDriver):
                 (state.pid, state.start_time, "QEMU"),
                 (state.relay_pid, state.relay_start_time, "the relay"),
             ):
-                if _start_time(pid) != start_time:
+                if not _is_running(pid, start_time):
                     raise DriverError(
                         f"{process_name} of VM {vm_id} exited during boot"
                     )
@@ -379,6 +379,12 @@ def _matcher(vm_id: str, state: QemuState | None) -> ProcessMatcher:
         top_pid=state.pid if state else None,
         top_start_time=state.start_time if state else None,
     )
+
+
+def _is_running(pid: int | None, start_time: int | None) -> bool:
+    """Return whether pid is the recorded process and has not exited."""
+    status = _process_status(pid) if pid is not None else None
+    return status is not None and status[0] != "Z" and status[1] == start_time
 
 
 def _hello(spec: VmSpec) -> bytes:
