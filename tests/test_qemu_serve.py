@@ -1,7 +1,11 @@
-"""`fleetvm serve` with vm.driver = "qemu": execute, kill and expiry end to end."""
+"""`fleetvm serve` with vm.driver = "qemu": execute, kill, expiry and a worker
+crash, end to end."""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -10,6 +14,7 @@ import pytest
 from tests.conftest import new_session, run, wait_for_status
 from tests.harness import Server, vm_processes
 from tests.qemu_image import cached_image_dir, require_qemu
+from tests.test_serve import worker_pid
 
 pytestmark = [pytest.mark.slow, pytest.mark.qemu]
 
@@ -68,3 +73,30 @@ def test_qemu_serve_expiry_kills_guest(qemu_server: Server, client: httpx.Client
         "SELECT reason, outcome FROM kill_records WHERE vm_id = ?", vm_id
     )
     assert rows == [("expiry", "killed")]
+
+
+def test_qemu_serve_worker_restart_adopts_guest(
+    qemu_server: Server, client: httpx.Client
+):
+    session_id = new_session(client)
+    vm_id = run(client, session_id, "kept = 'before the crash'")["vm_id"]
+    guest_processes = vm_processes(vm_id)
+    first = worker_pid(qemu_server)
+
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if worker_pid(qemu_server) != first:
+                break
+        except AssertionError:
+            pass
+        time.sleep(0.1)
+    result = run(client, session_id, "print(kept)")
+    client.post("/kill", json={"session_id": session_id})
+
+    assert worker_pid(qemu_server) != first
+    assert result["vm_id"] == vm_id
+    assert result["stdout"] == "before the crash\n"
+    assert vm_processes(vm_id) == []
+    assert len(guest_processes) == 2
