@@ -6,7 +6,8 @@ An image is a directory with three files:
 - ``initramfs.cpio.gz``: the whole root file system, which the guest keeps in
   memory. It contains the host's Debian Python, bash, busybox-static for the
   other commands, the shared libraries they need, the kernel modules of the
-  virtio-mmio and virtio-serial devices, the guest agent and the init script.
+  virtio-mmio, virtio-serial, virtio-net and virtio-rng devices, the guest
+  agent and the init script.
 - ``manifest.json``: the Debian packages and versions that went in, the file
   sizes, and the key of the inputs, which shows whether an image is out of date.
 """

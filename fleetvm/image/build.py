@@ -29,10 +29,10 @@ from fleetvm.image.initramfs import FileTree
 logger = logging.getLogger(__name__)
 
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
-# Modules loaded in this order, after their dependencies from modules.dep:
-# the virtio-mmio transport that microvm uses, the serial port, and the network
-# device for VMs with qemu.network on.
-KERNEL_MODULES = ["virtio_mmio", "virtio_console", "virtio_net"]
+# Modules loaded in this order, after their dependencies: the virtio-mmio
+# transport that microvm uses, the serial port, the network device for VMs with
+# qemu.network on, and the random number generator fed by the host.
+KERNEL_MODULES = ["virtio_mmio", "virtio_console", "virtio_net", "virtio_rng"]
 # The guest's Python: Debian's interpreter, which the agent needs at 3.11+.
 HOST_PYTHON = Path("/usr/bin/python3")
 BUSYBOX = Path("/bin/busybox")

@@ -1,6 +1,6 @@
 """Tests of QemuDriver that boot real guests under TCG.
 
-A boot takes about 8 s under TCG on two cores, so the tests that leave the
+A boot takes about 6 s under TCG on two cores, so the tests that leave the
 guest as it was share one, and only those that kill or reconfigure a guest
 boot their own.
 """
