@@ -184,7 +184,15 @@ class Switchboard:
             return
         connection.shutdown()
         if notify:
-            self.port.send(channel, CLOSE)
+            self.send_to_port(channel, CLOSE)
+
+    def send_to_port(self, channel: int, kind: int, payload: bytes = b"") -> bool:
+        """Send a frame; return False when the port is closed, as at shutdown."""
+        try:
+            self.port.send(channel, kind, payload)
+        except OSError:
+            return False
+        return True
 
     def close_all(self) -> None:
         with self._lock:
@@ -210,7 +218,8 @@ class Switchboard:
                     return
                 if not self._is_open(channel, connection):
                     return
-                self.port.send(channel, DATA, chunk)
+                if not self.send_to_port(channel, DATA, chunk):
+                    return
         finally:
             connection.close()
 
@@ -250,8 +259,10 @@ def _accept_loop(listener: socket.socket, board: Switchboard) -> None:
         channel = channel % 0xFFFFFFFF + 1
         # Registered before OPEN, so that a CLOSE from the guest finds it.
         connection = board.register(channel, conn)
-        board.port.send(channel, OPEN)
+        opened = board.send_to_port(channel, OPEN)
         board.start_pump(channel, connection)
+        if not opened:
+            board.close(channel, notify=False)
 
 
 def _connect_serial(path: str) -> socket.socket:
@@ -323,7 +334,7 @@ def serve_guest(port: FramedPort, socket_path: str) -> None:
         except OSError as exc:
             logger.warning("connecting to the agent failed: %s", exc)
             sock.close()
-            port.send(channel, CLOSE)
+            board.send_to_port(channel, CLOSE)
             return
         board.start_pump(channel, board.register(channel, sock))
 
