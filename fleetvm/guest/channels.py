@@ -187,7 +187,7 @@ class Switchboard:
             self.send_to_port(channel, CLOSE)
 
     def send_to_port(self, channel: int, kind: int, payload: bytes = b"") -> bool:
-        """Send a frame; return False when the port is closed, as at shutdown."""
+        """Send a frame and return True, or False when the port is closed."""
         try:
             self.port.send(channel, kind, payload)
         except OSError:
