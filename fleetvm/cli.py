@@ -12,6 +12,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 
 from fleetvm.errors import FleetvmError
+from fleetvm.image.command import add_image_parser, run_image_command
 from fleetvm.logs import configure_logging
 from fleetvm.settings import Settings
 
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     create_key.add_argument("name", help="the user who owns the key")
     create_key.add_argument("--label", default="cli", help="a name for the key")
+    add_image_parser(commands)
     return parser
 
 
@@ -173,7 +175,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: invalid settings:\n{exc}") from None
 
     try:
-        if args.command == "serve":
+        if args.command == "image":
+            run_image_command(args, settings)
+        elif args.command == "serve":
             from fleetvm.embedded import serve
 
             serve(settings)

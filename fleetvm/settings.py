@@ -156,8 +156,12 @@ class MultinodeSettings(BaseModel):
 
 
 class VmSettings(BaseModel):
-    driver: Literal["process"] = Field(
-        default="process", description="VM driver: 'process' (sandboxed processes)."
+    driver: Literal["process", "qemu"] = Field(
+        default="process",
+        description=(
+            "VM driver: 'process' (sandboxed processes) or 'qemu' (a QEMU microvm "
+            "guest with its own kernel; see the qemu section)."
+        ),
     )
     sandbox: Literal["auto", "bubblewrap", "none"] = Field(
         default="auto",
@@ -216,7 +220,11 @@ class VmSettings(BaseModel):
     spawn_timeout_seconds: float = Field(
         default=20.0,
         gt=0,
-        description="Seconds a new VM has to respond to its first ping.",
+        description=(
+            "Seconds a new VM has to respond to its first ping. A qemu guest "
+            "under TCG boots in several seconds, more on a busy host, so raise "
+            "this to 60 or more there."
+        ),
     )
     reaper_interval_seconds: float = Field(
         default=0.25,
@@ -224,6 +232,51 @@ class VmSettings(BaseModel):
         description=(
             "Maximum sleep of the expiry reaper between database checks, so a VM "
             "dies at most this long after its expires_at (plus the kill itself)."
+        ),
+    )
+
+
+class QemuSettings(BaseModel):
+    binary: str = Field(
+        default="qemu-system-x86_64",
+        description="QEMU program of the qemu driver (Debian package qemu-system-x86).",
+    )
+    image_dir: Path | None = Field(
+        default=None,
+        description=(
+            "Directory of the guest image that `fleetvm image build` writes: "
+            "vmlinuz, initramfs.cpio.gz and manifest.json. Empty means "
+            "<data dir>/images/qemu."
+        ),
+    )
+    accel: Literal["auto", "kvm", "tcg"] = Field(
+        default="auto",
+        description=(
+            "QEMU accelerator. 'auto' boots one test guest with KVM when /dev/kvm "
+            "is usable, and uses TCG (emulation, several times slower) when that "
+            "fails or times out; 'kvm' fails instead of falling back."
+        ),
+    )
+    kvm_probe_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description=(
+            "Seconds the KVM test guest has to boot and power off. Some hosts "
+            "have a /dev/kvm whose guests hang, so the probe must time out."
+        ),
+    )
+    quit_timeout_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        description=(
+            "Seconds QEMU has to exit after a QMP quit before the driver sends SIGKILL."
+        ),
+    )
+    network: bool = Field(
+        default=False,
+        description=(
+            "Give guests QEMU's user-mode network (outbound connections through "
+            "the host). Off means guests have no network device."
         ),
     )
 
@@ -283,6 +336,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     multinode: MultinodeSettings = MultinodeSettings()
     vm: VmSettings = VmSettings()
+    qemu: QemuSettings = QemuSettings()
     kill: KillSettings = KillSettings()
     execution: ExecutionSettings = ExecutionSettings()
 

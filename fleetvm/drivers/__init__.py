@@ -12,4 +12,10 @@ def make_driver(settings: Settings) -> VmDriver:
         from fleetvm.drivers.process import ProcessDriver
 
         return ProcessDriver(settings)
-    raise ValueError(f"unknown vm.driver {settings.vm.driver!r}; use 'process'")
+    if settings.vm.driver == "qemu":
+        from fleetvm.drivers.qemu import QemuDriver
+
+        return QemuDriver(settings)
+    raise ValueError(
+        f"unknown vm.driver {settings.vm.driver!r}; use 'process' or 'qemu'"
+    )

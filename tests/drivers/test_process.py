@@ -18,7 +18,12 @@ import pytest
 
 from fleetvm.drivers import process
 from fleetvm.drivers.base import VmSpec
-from fleetvm.drivers.process import MEMORY_CGROUP_ROOT, SANDBOX_HOME, ProcessDriver
+from fleetvm.drivers.process import (
+    MEMORY_CGROUP_ROOT,
+    SANDBOX_HOME,
+    ProcessDriver,
+    agent_socket,
+)
 from fleetvm.errors import (
     Conflict,
     DriverError,
@@ -765,8 +770,12 @@ with open(reply_path, "rb") as file:
     reply = file.read()
 dir_fd = os.open(directory, os.O_PATH)
 listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-listener.bind(f"/proc/self/fd/{dir_fd}/agent.sock")
+# Bound under another name and renamed once listening, because the test
+# connects as soon as agent.sock exists.
+path = f"/proc/self/fd/{dir_fd}/agent.sock"
+listener.bind(path + ".tmp")
 listener.listen(8)
+os.rename(path + ".tmp", path)
 while True:
     conn, _ = listener.accept()
     try:
@@ -920,7 +929,7 @@ def test_slow_response_times_out(vms, plain_driver, fake_agent):
     elapsed = time.monotonic() - started
 
     assert alive is False
-    assert elapsed < process.PING_TIMEOUT_SECONDS + 1
+    assert elapsed < agent_socket.PING_TIMEOUT_SECONDS + 1
 
 
 def test_oversized_response_not_read(vms, plain_driver, fake_agent):
@@ -934,7 +943,7 @@ def test_oversized_response_not_read(vms, plain_driver, fake_agent):
 
 def test_upload_fifo_rejected(vms, driver, monkeypatch):
     # An upload that blocks then fails after 5 s instead of 120 s.
-    monkeypatch.setattr(process, "FILE_TRANSFER_TIMEOUT_SECONDS", 5.0)
+    monkeypatch.setattr(agent_socket, "FILE_TRANSFER_TIMEOUT_SECONDS", 5.0)
     vm_id = vms.spawn(driver)
     driver.execute(vm_id, "bash", "mkfifo fifo", 10)
 

@@ -43,13 +43,11 @@ driver started later finds it again through ``state.json`` and /proc.
 
 from __future__ import annotations
 
-import base64
 import fcntl
 import logging
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -58,20 +56,9 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from fleetvm.drivers.base import ExecResult, KillResult, Language, SpawnResult, VmSpec
-from fleetvm.drivers.process.agent_client import (
-    EXECUTE_RESPONSE_BYTES,
-    SMALL_RESPONSE_BYTES,
-    _agent_error,
-    _base64_length,
-    _connect,
-    _content_field,
-    _exec_result,
-    _invalid_response,
-    _listen,
-    _path_field,
-    _send_request,
-)
+from fleetvm.drivers.base import KillResult, SpawnResult, VmSpec
+from fleetvm.drivers.process.agent_client import _listen
+from fleetvm.drivers.process.agent_socket import AgentSocketDriver
 from fleetvm.drivers.process.cgroups import (
     AGENT_TASK_RESERVE,
     CGROUP_PARENT,
@@ -124,11 +111,8 @@ from fleetvm.drivers.process.state import VmState
 from fleetvm.drivers.process.validation import MAX_CODE_BYTES as MAX_CODE_BYTES
 from fleetvm.drivers.process.validation import (
     VM_ID_PATTERN,
-    _check_code,
     _check_env,
-    _check_remote_path,
     _check_vm_id,
-    _is_positive_number,
 )
 from fleetvm.drivers.process.vm_dir import (
     AGENT_FILE,
@@ -140,8 +124,7 @@ from fleetvm.drivers.process.vm_dir import (
     _read_tail,
     _remove_tree,
 )
-from fleetvm.errors import DriverError, InvalidRequest, PayloadTooLarge, VmNotRunning
-from fleetvm.guest import agent as guest_agent
+from fleetvm.errors import DriverError, InvalidRequest, VmNotRunning
 from fleetvm.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -151,23 +134,15 @@ logger = logging.getLogger(__name__)
 # _cgroup_parents_locked stay here for that reason.
 MEMORY_CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 PIDS_CGROUP_ROOT = Path("/sys/fs/cgroup/pids")
-PING_TIMEOUT_SECONDS = 2.0
-FILE_TRANSFER_TIMEOUT_SECONDS = 120.0
-# The agent responds to an execute at most about 7.5 s after its timeout: 2 s for
-# SIGINT to take effect, up to 5 s for a killed kernel to exit and 0.4 s for the
-# rest of its output.
-EXECUTE_MARGIN_SECONDS = 10.0
-MAX_TIMEOUT_SECONDS = guest_agent.MAX_TIMEOUT_SECONDS
 
 
-class ProcessDriver:
+class ProcessDriver(AgentSocketDriver):
     """Driver whose VMs are process trees, sandboxed by bubblewrap when possible."""
 
     name = "process"
 
     def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._vms_dir = settings.vms_dir
+        super().__init__(settings)
         self._probe_lock = threading.Lock()
         self._sandbox: str | None = None
         self._bwrap = "bwrap"
@@ -221,74 +196,6 @@ class ProcessDriver:
         )
         return SpawnResult(vm_id=vm_id, isolation=state.isolation, pid=state.pid)
 
-    def is_alive(self, vm_id: str) -> bool:
-        """Return whether the VM's agent responds to a ping.
-
-        A VM without processes refuses the connection, so this returns False
-        at once. An agent that VM code stopped costs PING_TIMEOUT_SECONDS.
-        """
-        _check_vm_id(vm_id)
-        try:
-            self._call(vm_id, {"op": "ping"}, PING_TIMEOUT_SECONDS)
-        except (VmNotRunning, DriverError):
-            return False
-        return True
-
-    def execute(
-        self, vm_id: str, language: Language, code: str, timeout: float
-    ) -> ExecResult:
-        _check_vm_id(vm_id)
-        if language not in ("python", "bash"):
-            raise InvalidRequest(
-                f"unknown language {language!r}; expected 'python' or 'bash'"
-            )
-        _check_code(code)
-        if not _is_positive_number(timeout) or timeout > MAX_TIMEOUT_SECONDS:
-            raise InvalidRequest(
-                f"timeout must be a number of seconds above 0 and at most "
-                f"{MAX_TIMEOUT_SECONDS:g}, not {timeout!r}"
-            )
-        request = {
-            "op": "execute",
-            "language": language,
-            "code": code,
-            "timeout": timeout,
-        }
-        response = self._call(
-            vm_id, request, timeout + EXECUTE_MARGIN_SECONDS, EXECUTE_RESPONSE_BYTES
-        )
-        return _exec_result(vm_id, response)
-
-    def upload(self, vm_id: str, remote_path: str, content: bytes) -> str:
-        _check_vm_id(vm_id)
-        _check_remote_path(remote_path)
-        limit = self._settings.api.max_upload_bytes
-        if len(content) > limit:
-            raise PayloadTooLarge(
-                f"file of {len(content)} bytes exceeds the maximum of {limit} bytes "
-                "(api.max_upload_bytes)"
-            )
-        request = {
-            "op": "upload",
-            "path": remote_path,
-            "content": base64.b64encode(content).decode("ascii"),
-        }
-        response = self._call(vm_id, request, FILE_TRANSFER_TIMEOUT_SECONDS)
-        return _path_field(vm_id, "upload", response)
-
-    def download(self, vm_id: str, remote_path: str) -> bytes:
-        _check_vm_id(vm_id)
-        _check_remote_path(remote_path)
-        limit = self._settings.api.max_upload_bytes
-        request = {"op": "download", "path": remote_path, "max_bytes": limit}
-        response = self._call(
-            vm_id,
-            request,
-            FILE_TRANSFER_TIMEOUT_SECONDS,
-            _base64_length(limit) + SMALL_RESPONSE_BYTES,
-        )
-        return _content_field(vm_id, response, limit)
-
     def kill(self, vm_id: str) -> KillResult:
         _check_vm_id(vm_id)
         vm_dir = self._vms_dir / vm_id
@@ -306,19 +213,6 @@ class ProcessDriver:
                 extra={"vm_id": vm_id},
             )
         return KillResult(vm_id=vm_id, was_running=killed > 0, processes_killed=killed)
-
-    def list_vms(self) -> list[str]:
-        try:
-            entries = list(os.scandir(self._vms_dir))
-        except FileNotFoundError:
-            return []
-        names = (
-            entry.name
-            for entry in entries
-            if entry.is_dir(follow_symlinks=False)
-            and VM_ID_PATTERN.fullmatch(entry.name)
-        )
-        return sorted(names)
 
     def remove_stale_cgroups(self) -> list[Path]:
         """Remove the cgroups of VMs that were deleted without a kill.
@@ -716,24 +610,6 @@ class ProcessDriver:
             message += f"; agent log: {log_tail}"
         return DriverError(message)
 
-    @contextmanager
-    def _vm_lock(self, vm_dir: Path) -> Iterator[bool]:
-        """Hold an exclusive flock on the VM directory and yield whether it exists.
-
-        The lock serializes spawn and kill across threads and processes. A
-        directory removed by the previous holder reports False.
-        """
-        try:
-            fd = os.open(vm_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            yield False
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield os.fstat(fd).st_nlink > 0
-        finally:
-            os.close(fd)
-
     def _matcher(
         self, vm_id: str, state: VmState | None, pid_namespace: int | None = None
     ) -> ProcessMatcher:
@@ -806,50 +682,6 @@ class ProcessDriver:
             if _remove_cgroup_tree(path):
                 removed.append(path)
         return removed
-
-    def _call(
-        self,
-        vm_id: str,
-        request: dict,
-        timeout: float,
-        max_response_bytes: int = SMALL_RESPONSE_BYTES,
-    ) -> dict:
-        """Send a request to the VM's agent and return its successful response.
-
-        The response comes from inside the VM, so only its "ok" field is checked
-        here. Callers check every other field they use.
-        """
-        response = self._request(vm_id, request, timeout, max_response_bytes)
-        ok = response.get("ok")
-        if ok is True:
-            return response
-        if ok is False:
-            raise _agent_error(vm_id, response, self._settings.vm.disk_mb)
-        raise _invalid_response(vm_id, request["op"], "field ok is not a boolean")
-
-    def _request(
-        self, vm_id: str, request: dict, timeout: float, max_response_bytes: int
-    ) -> dict:
-        op = request["op"]
-        deadline = time.monotonic() + timeout
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            _connect(sock, self._vms_dir / vm_id, vm_id, deadline)
-            try:
-                _send_request(sock, request, vm_id)
-                response = guest_agent.recv_message(sock, max_response_bytes, deadline)
-            except TimeoutError as exc:
-                raise DriverError(
-                    f"the agent of VM {vm_id} did not respond to {op} within "
-                    f"{timeout:g} s"
-                ) from exc
-            except ConnectionError as exc:
-                raise VmNotRunning(f"VM {vm_id} stopped during {op}: {exc}") from exc
-            except guest_agent.ProtocolError as exc:
-                raise _invalid_response(vm_id, op, str(exc)) from exc
-        if response is None:
-            raise VmNotRunning(f"VM {vm_id} stopped during {op}")
-        return response
 
 
 def _vm_cgroups(vm_id: str) -> list[Path]:
