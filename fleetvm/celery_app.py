@@ -44,6 +44,12 @@ def make_celery(settings: Settings) -> Celery:
         # the connection and the broker delivers it again, but a second run of
         # a kill or spawn only reports what the first one did.
         worker_cancel_long_running_tasks_on_connection_loss=False,
+        # After a reconnection Celery lowers the prefetch count and raises it
+        # again as tasks finish. With the threads pool those QoS calls come
+        # from task threads while the main thread reads the same AMQP
+        # connection, which corrupted its frames and left a worker taking no
+        # tasks after a RabbitMQ restart (Celery 5.7, py-amqp 5.4).
+        worker_enable_prefetch_count_reduction=False,
         task_create_missing_queues=True,
         result_expires=600,
         broker_connection_retry_on_startup=True,
