@@ -3,8 +3,8 @@
 With ``rpc://`` results, a worker publishes each task's result as a message to
 the queue named in the task's ``reply_to``. Celery's own client keeps one such
 queue and consumer per thread, and under concurrent requests some replies
-never reached their waiting thread (seen with Celery 5.7 and RabbitMQ 3.x,
-after workers restarted). This module does what RPC clients such as
+never reached their waiting thread (seen with Celery 5.7.0 and RabbitMQ
+3.10.8, after workers restarted). This module does what RPC clients such as
 OpenStack's messaging library do instead: each process owns one reply queue,
 one thread consumes it, and callers wait on an event keyed by task id. The
 worker side is unchanged: Celery's rpc backend publishes to ``reply_to``.

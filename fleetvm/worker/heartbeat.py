@@ -1,6 +1,6 @@
 """A worker's registration and heartbeat, and the checks that keep its id unique.
 
-The workers table says which worker owns which VMs, so one id must belong to
+The workers table records which worker owns which VMs, so one id must belong to
 one running worker. A second worker with a live id would consume the same
 queue and, at start, remove the first one's VMs as unknown; it is rejected.
 A worker that an operator retired while it was only paused stops itself when

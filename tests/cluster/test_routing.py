@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.cluster.harness import Cluster
-from tests.conftest import new_session, run
+from tests.conftest import new_session, run, wait_for_status
 from tests.harness import fleetvm_command, vm_processes
 
 
@@ -194,12 +194,10 @@ def test_dead_worker_kill_pending_at_once_then_done(
     finally:
         cluster.restart_worker(owner)
 
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and vm_processes(vm_id):
-        time.sleep(0.1)
+    # The worker marks the VM killed just after its processes are gone.
+    status = wait_for_status(alice, session_id, "killed")
+    assert status["vm_status"] == "killed"
     assert vm_processes(vm_id) == []
-    [(status,)] = cluster.query("SELECT status FROM vms WHERE id = :id", id=vm_id)
-    assert status == "killed"
     alice.post("/kill", json={"session_id": other})
 
 
@@ -263,7 +261,11 @@ def test_retired_worker_vms_move_on(
     finally:
         cluster.restart_worker(owner)
 
-    # The old host's VM is an orphan now: its worker removes it at start.
+    # The old host's VM is an orphan now: its worker removes it while it
+    # reconciles, just after registering.
+    deadline = time.monotonic() + 30
+    while vm_processes(vm_id) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert vm_processes(vm_id) == []
     alice.post("/kill", json={"session_id": session_id})
 
