@@ -163,7 +163,7 @@ class Dispatcher:
         wait: bool = True,
         **options: Any,
     ):
-        # A task nobody waits for asks for no result, so no worker sends one.
+        # A task that no caller waits for requests no result, so no worker sends one.
         try:
             return self.app.send_task(
                 task,

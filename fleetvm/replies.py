@@ -86,7 +86,7 @@ class ReplyListener:
             waiter = self._waiters.get(task_id)
         if waiter is None:
             # A late reply to a call that timed out, or a second run's reply.
-            logger.debug("dropped reply for task %s that nobody waits for", task_id)
+            logger.debug("ignored reply for task %s: no caller waits for it", task_id)
             return
         if body.get("status") not in ("SUCCESS", "FAILURE"):
             return  # an intermediate state, such as STARTED

@@ -111,7 +111,7 @@ def user_from_api_key(db: Session, key: str) -> User:
 
 def authenticate_password(db: Session, username: str, password: str) -> User:
     # A name no account can have is not looked up: PostgreSQL rejects some of
-    # them, such as one with a NUL character, and the answer is 401 anyway.
+    # them, such as one with a NUL character, and the response is 401 anyway.
     user = None
     if is_valid_username(username):
         user = db.scalar(select(User).where(User.username == username))

@@ -1,5 +1,5 @@
 """Nothing accepted is lost when a part of the cluster dies: a worker killed
-with SIGKILL while it holds kill tasks, Redis or RabbitMQ restarted, an API
+with SIGKILL after taking kill tasks, Redis or RabbitMQ restarted, an API
 node killed, all in the middle of kills. Every VM ends killed exactly once
 and no VM process is left behind."""
 

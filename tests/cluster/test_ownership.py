@@ -97,7 +97,7 @@ def live_vm(cluster: Cluster, key: str) -> tuple[str, str, str]:
     return session_id, vm_id, cluster.owner_of(vm_id)
 
 
-def test_strict_kill_on_wrong_worker_goes_to_owner_once(
+def test_strict_wrong_worker_redispatches_once(
     cluster: Cluster, keys: dict[str, str], sender
 ) -> None:
     _, vm_id, owner = live_vm(cluster, keys["alice"])

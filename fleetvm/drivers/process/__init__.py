@@ -647,7 +647,7 @@ class ProcessDriver(AgentSocketDriver):
             if state is None and learned_namespace is None:
                 # Without a state file, the VM's PID namespace is learnt from
                 # the processes its environment variable finds. The namespace
-                # also holds processes that dropped the variable, and they die
+                # also contains processes that dropped the variable, and they die
                 # only after its init, so the loop must wait for them too.
                 learned_namespace = _sandbox_namespace(survivors)
                 if learned_namespace is not None:
