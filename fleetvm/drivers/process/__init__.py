@@ -76,12 +76,11 @@ from fleetvm.drivers.process.cgroups import (
     _remove_cgroup_tree,
 )
 from fleetvm.drivers.process.procfs import (
-    MAX_POLL_INTERVAL_SECONDS,
     ProcessMatcher,
     _find_processes,
-    _kill_if_matching,
     _pid_namespace,
     _start_time,
+    kill_until_gone,
 )
 
 # Re-exported, because tests use it as fleetvm.drivers.process._process_status.
@@ -636,34 +635,20 @@ class ProcessDriver(AgentSocketDriver):
         Returns how many processes were found running. Raises DriverError when
         some survive vm.kill.confirm_timeout_seconds.
         """
-        timeout = self._settings.kill.confirm_timeout_seconds
-        deadline = time.monotonic() + timeout
-        found: set[int] = set()
-        interval = 0.001
         learned_namespace: int | None = None
-        while True:
-            matcher = self._matcher(vm_id, state, learned_namespace)
-            survivors = _find_processes(matcher)
-            if state is None and learned_namespace is None:
-                # Without a state file, the VM's PID namespace is learnt from
-                # the processes its environment variable finds. The namespace
-                # also contains processes that dropped the variable, and they die
-                # only after its init, so the loop must wait for them too.
-                learned_namespace = _sandbox_namespace(survivors)
-                if learned_namespace is not None:
-                    continue
-            if not survivors:
-                return len(found)
-            if time.monotonic() >= deadline:
-                raise DriverError(
-                    f"processes {survivors} of VM {vm_id} were still running "
-                    f"{timeout:g} s after SIGKILL"
-                )
-            found.update(survivors)
-            for pid in survivors:
-                _kill_if_matching(pid, matcher)
-            time.sleep(interval)
-            interval = min(interval * 2, MAX_POLL_INTERVAL_SECONDS)
+        if state is None:
+            # Without a state file, the VM's PID namespace is learnt from the
+            # processes its environment variable finds. The namespace also
+            # contains processes that dropped the variable, and they die only
+            # after its init, so the kill must wait for them too.
+            first = _find_processes(self._matcher(vm_id, None))
+            learned_namespace = _sandbox_namespace(first)
+        killed = kill_until_gone(
+            vm_id,
+            lambda: self._matcher(vm_id, state, learned_namespace),
+            self._settings.kill.confirm_timeout_seconds,
+        )
+        return len(killed)
 
     def _remove_cgroups(self, vm_id: str) -> None:
         for root in (MEMORY_CGROUP_ROOT, PIDS_CGROUP_ROOT):

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from fleetvm.errors import DriverError
 
 MAX_POLL_INTERVAL_SECONDS = 0.05
 
@@ -94,3 +98,31 @@ def _kill_if_matching(pid: int, matcher: ProcessMatcher) -> None:
         pass
     finally:
         os.close(pidfd)
+
+
+def kill_until_gone(
+    vm_id: str, next_matcher: Callable[[], ProcessMatcher], timeout: float
+) -> set[int]:
+    """SIGKILL the processes a fresh ``next_matcher()`` finds until none is left.
+
+    Returns every PID that was found. Raises DriverError when some survive
+    ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    found: set[int] = set()
+    interval = 0.001
+    while True:
+        matcher = next_matcher()
+        survivors = _find_processes(matcher)
+        if not survivors:
+            return found
+        if time.monotonic() >= deadline:
+            raise DriverError(
+                f"processes {survivors} of VM {vm_id} were still running "
+                f"{timeout:g} s after SIGKILL"
+            )
+        found.update(survivors)
+        for pid in survivors:
+            _kill_if_matching(pid, matcher)
+        time.sleep(interval)
+        interval = min(interval * 2, MAX_POLL_INTERVAL_SECONDS)

@@ -48,12 +48,11 @@ from pathlib import Path
 from fleetvm.drivers.base import KillResult, SpawnResult, VmSpec
 from fleetvm.drivers.process.agent_socket import AgentSocketDriver
 from fleetvm.drivers.process.procfs import (
-    MAX_POLL_INTERVAL_SECONDS,
     ProcessMatcher,
     _find_processes,
-    _kill_if_matching,
     _process_status,
     _start_time,
+    kill_until_gone,
 )
 from fleetvm.drivers.process.sandbox import VM_ID_ENV
 from fleetvm.drivers.process.state import VmState
@@ -329,23 +328,10 @@ class QemuDriver(AgentSocketDriver):
         running = set(_find_processes(matcher))
         if state is not None and state.pid in running:
             self._quit_qemu(vm_id, vm_dir, state)
-        timeout = self._settings.kill.confirm_timeout_seconds
-        deadline = time.monotonic() + timeout
-        interval = 0.001
-        while True:
-            survivors = _find_processes(matcher)
-            if not survivors:
-                return len(running)
-            if time.monotonic() >= deadline:
-                raise DriverError(
-                    f"processes {survivors} of VM {vm_id} were still running "
-                    f"{timeout:g} s after SIGKILL"
-                )
-            running.update(survivors)
-            for pid in survivors:
-                _kill_if_matching(pid, matcher)
-            time.sleep(interval)
-            interval = min(interval * 2, MAX_POLL_INTERVAL_SECONDS)
+        running |= kill_until_gone(
+            vm_id, lambda: matcher, self._settings.kill.confirm_timeout_seconds
+        )
+        return len(running)
 
     def _quit_qemu(self, vm_id: str, vm_dir: Path, state: QemuState) -> None:
         timeout = self._settings.qemu.quit_timeout_seconds
