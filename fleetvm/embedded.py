@@ -15,7 +15,6 @@ message file that is still being written.
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import logging
 import os
 import signal
@@ -33,6 +32,7 @@ from fleetvm.db.engine import Database
 from fleetvm.db.models import LIVE_STATUSES, KillReason, User, Vm, VmStatus
 from fleetvm.db.vms import record_kill_intent
 from fleetvm.drivers import make_driver
+from fleetvm.locks import hold_lock_file
 from fleetvm.security import create_api_key, create_user, write_private_file
 from fleetvm.settings import Settings
 from fleetvm.worker.vms import VmManager
@@ -260,17 +260,12 @@ def lock_data_dir(data_dir: Path) -> int:
     each kill the other's VMs at shutdown. The lock is released when this
     process exits, however it exits.
     """
-    fd = os.open(data_dir / "serve.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise SystemExit(
-            f"error: another `fleetvm serve` is running on data directory "
-            f"{data_dir}; stop it first, or set FLEETVM_DATA_DIR to another "
-            "directory."
-        ) from None
-    return fd
+    return hold_lock_file(
+        data_dir / "serve.lock",
+        f"error: another `fleetvm serve` is running on data directory "
+        f"{data_dir}; stop it first, or set FLEETVM_DATA_DIR to another "
+        "directory.",
+    )
 
 
 def bind_api_socket(settings: Settings) -> socket.socket:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 
@@ -10,6 +9,7 @@ from fleetvm.celery_app import make_celery
 from fleetvm.db.engine import Database
 from fleetvm.dispatch import Dispatcher
 from fleetvm.drivers import make_driver
+from fleetvm.locks import hold_lock_file
 from fleetvm.settings import RESERVED_WORKER_THREADS, Settings
 from fleetvm.worker import runtime as runtime_module
 from fleetvm.worker.heartbeat import Heartbeat
@@ -26,21 +26,15 @@ def lock_worker_dir(settings: Settings) -> int:
     """Take the data directory for this worker, or exit if another worker has it.
 
     A worker removes VMs on disk that the database does not give it, so two
-    workers on one directory would kill each other's VMs. The lock is released
-    when this process exits, however it exits.
+    workers on one directory would kill each other's VMs.
     """
     data_dir = settings.resolved_data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(data_dir / "worker.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise SystemExit(
-            f"error: another `fleetvm worker` is running on data directory "
-            f"{data_dir}; give each worker of a host its own FLEETVM_DATA_DIR."
-        ) from None
-    return fd
+    return hold_lock_file(
+        data_dir / "worker.lock",
+        f"error: another `fleetvm worker` is running on data directory "
+        f"{data_dir}; give each worker of a host its own FLEETVM_DATA_DIR.",
+    )
 
 
 def build_runtime(settings: Settings) -> WorkerRuntime:
