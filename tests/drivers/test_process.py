@@ -294,6 +294,31 @@ def test_kill_ends_detached_processes(vms, driver):
     assert driver.list_vms() == []
 
 
+def test_kill_with_cgroups_skips_host_walk(vms, driver, monkeypatch):
+    # The VM's cgroups list all of its processes, so a kill needs no walk of
+    # every process on the host, whose cost grows with the number of VMs.
+    vm_id = vms.spawn(driver)
+    state = vms.state(vm_id)
+    if state.pids_cgroup is None:
+        pytest.skip("this host gives VMs no pids cgroup")
+    seconds = vms.unique_seconds()
+    _start_detached_sleeps(driver, vm_id, seconds)
+    assert vms.wait_for(
+        lambda: len(vms.processes_with_arguments("sleep", seconds)) == 2
+    )
+
+    def walk_every_process() -> list[int]:
+        raise AssertionError("the kill walked every process of the host")
+
+    monkeypatch.setattr(process.procfs, "_process_ids", walk_every_process)
+    result = driver.kill(vm_id)
+    monkeypatch.undo()
+
+    assert result.processes_killed >= 6
+    assert vms.processes_with_arguments("sleep", seconds) == []
+    assert vms.processes_of_vm(vm_id, state.pid_namespace) == []
+
+
 def test_kill_removes_memory_cgroup(vms, driver):
     vm_id = vms.spawn(driver)
     cgroup = vms.state(vm_id).cgroup

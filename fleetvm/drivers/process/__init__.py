@@ -457,11 +457,13 @@ class ProcessDriver(AgentSocketDriver):
                 start_time=_start_time(process.pid),
                 pid_namespace=int(info["pid-namespace"]),
             )
-            state.write(vm_dir)
             members = [process.pid, int(info["child-pid"])]
             for cgroup in (state.cgroup, state.pids_cgroup):
                 if cgroup is not None:
                     _join_cgroup(Path(cgroup), members)
+            # Written after the join, because kill reads a state with a PID as
+            # proof that the cgroups contain every process of the VM.
+            state.write(vm_dir)
             os.write(block_write, b"1")
         finally:
             os.close(info_read)
@@ -627,6 +629,7 @@ class ProcessDriver(AgentSocketDriver):
             cgroup_members=frozenset(members),
             top_pid=state.pid if state else None,
             top_start_time=state.start_time if state else None,
+            members_complete=_members_complete(state),
         )
 
     def _end_processes(self, vm_id: str, state: VmState | None) -> int:
@@ -685,6 +688,22 @@ def _cgroup_parents_locked() -> Iterator[None]:
                 stack.callback(os.close, fd)
                 fcntl.flock(fd, fcntl.LOCK_SH)
         yield
+
+
+def _members_complete(state: VmState | None) -> bool:
+    """Return whether the VM's cgroups contain every process of the VM.
+
+    A bubblewrap VM joins its pids cgroup before its sandbox starts, and the
+    state records its PID only after that. Its sandbox user cannot move a
+    process out of the cgroup. A plain VM may run as the worker's own user,
+    which can leave the cgroup, so it gets no shortcut.
+    """
+    return (
+        state is not None
+        and state.pid is not None
+        and state.pids_cgroup is not None
+        and state.isolation.startswith("bubblewrap")
+    )
 
 
 def _sandbox_namespace(pids: list[int]) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import time
 from collections.abc import Callable
@@ -20,6 +21,10 @@ class ProcessMatcher:
     A process belongs to the VM if it is in the VM's PID namespace or one of its
     cgroups, is the recorded top process, or has FLEETVM_VM_ID=<vm_id> in its
     initial environment. Zombies never match, because they cannot run code.
+
+    With ``members_complete``, every process of the VM is in its cgroups, so a
+    search tests only those PIDs and the top process instead of every process
+    of the host.
     """
 
     environment_entry: bytes
@@ -27,6 +32,16 @@ class ProcessMatcher:
     cgroup_members: frozenset[int]
     top_pid: int | None
     top_start_time: int | None
+    members_complete: bool = False
+
+    def candidates(self) -> list[int]:
+        """Return the PIDs that a search for the VM's processes must test."""
+        if not self.members_complete:
+            return _process_ids()
+        pids = set(self.cgroup_members)
+        if self.top_pid is not None:
+            pids.add(self.top_pid)
+        return sorted(pids)
 
     def matches(self, pid: int) -> bool:
         status = _process_status(pid)
@@ -79,25 +94,41 @@ def _environment_entries(pid: int) -> list[bytes]:
 
 def _find_processes(matcher: ProcessMatcher) -> list[int]:
     own = os.getpid()
-    return [pid for pid in _process_ids() if pid != own and matcher.matches(pid)]
+    return [pid for pid in matcher.candidates() if pid != own and matcher.matches(pid)]
 
 
-def _kill_if_matching(pid: int, matcher: ProcessMatcher) -> None:
-    """Send SIGKILL to pid if it still belongs to the VM.
+def _kill_if_matching(pid: int, matcher: ProcessMatcher) -> int | None:
+    """Send SIGKILL to pid if it still belongs to the VM; return its open pidfd.
 
-    The pidfd pins the process, so a PID reused after the check cannot be hit.
+    The pidfd pins the process, so a PID reused after the check cannot be hit,
+    and it becomes readable when the process exits. The caller closes it.
     """
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
-        return
+        return None
     try:
         if matcher.matches(pid):
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    finally:
-        os.close(pidfd)
+    return pidfd
+
+
+def _wait_for_exit(pidfds: list[int], timeout: float) -> None:
+    """Wait until the process of every pidfd has exited, or until timeout."""
+    poller = select.poll()
+    for pidfd in pidfds:
+        poller.register(pidfd, select.POLLIN)
+    pending = len(pidfds)
+    deadline = time.monotonic() + timeout
+    while pending:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        for pidfd, _ in poller.poll(remaining * 1000):
+            poller.unregister(pidfd)
+            pending -= 1
 
 
 def kill_until_gone(
@@ -122,7 +153,13 @@ def kill_until_gone(
                 f"{timeout:g} s after SIGKILL"
             )
         found.update(survivors)
-        for pid in survivors:
-            _kill_if_matching(pid, matcher)
-        time.sleep(interval)
+        pidfds = [_kill_if_matching(pid, matcher) for pid in survivors]
+        try:
+            # A new search follows the exits at once, or the interval at the
+            # latest, because new processes may have been forked meanwhile.
+            _wait_for_exit([fd for fd in pidfds if fd is not None], interval)
+        finally:
+            for pidfd in pidfds:
+                if pidfd is not None:
+                    os.close(pidfd)
         interval = min(interval * 2, MAX_POLL_INTERVAL_SECONDS)
