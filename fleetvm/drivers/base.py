@@ -80,6 +80,14 @@ class VmDriver(Protocol):
         """Return whether any process of the VM runs and its agent responds."""
         ...
 
+    def is_running(self, vm_id: str) -> bool:
+        """Return whether the VM's processes run, without calling its agent.
+
+        The liveness sweep calls this for every VM every few seconds, so it
+        must be cheap. A driver without a cheaper test calls is_alive.
+        """
+        ...
+
     def execute(
         self, vm_id: str, language: Language, code: str, timeout: float
     ) -> ExecResult:

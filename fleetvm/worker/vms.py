@@ -211,7 +211,7 @@ class VmManager:
         database must then stop calling it alive.
         """
         with self.locked(vm_id, blocking=False) as acquired:
-            if not acquired or self.driver.is_alive(vm_id):
+            if not acquired or self.driver.is_running(vm_id):
                 return False
             with self.database.session() as db:
                 lost = transition(

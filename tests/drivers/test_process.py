@@ -6,6 +6,7 @@ import base64
 import json
 import logging
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -317,6 +318,21 @@ def test_kill_with_cgroups_skips_host_walk(vms, driver, monkeypatch):
     assert result.processes_killed >= 6
     assert vms.processes_with_arguments("sleep", seconds) == []
     assert vms.processes_of_vm(vm_id, state.pid_namespace) == []
+
+
+def test_is_running_follows_processes(vms, driver):
+    vm_id = vms.spawn(driver)
+    other_id = vms.spawn(driver)
+    state = vms.state(other_id)
+
+    assert driver.is_running(vm_id) is True
+    assert driver.is_running(other_id) is True
+
+    driver.kill(vm_id)
+    os.kill(state.pid, signal.SIGKILL)
+
+    assert driver.is_running(vm_id) is False
+    assert vms.wait_for(lambda: driver.is_running(other_id) is False)
 
 
 def test_kill_removes_memory_cgroup(vms, driver):

@@ -213,6 +213,19 @@ class ProcessDriver(AgentSocketDriver):
             )
         return KillResult(vm_id=vm_id, was_running=killed > 0, processes_killed=killed)
 
+    def is_running(self, vm_id: str) -> bool:
+        """Return whether the VM's top process, bubblewrap or the agent, runs.
+
+        It exits when the agent exits, so this reads one /proc file where a
+        ping costs a connection and a request to the agent.
+        """
+        _check_vm_id(vm_id)
+        state = VmState.read(self._vms_dir / vm_id)
+        if state is None or state.pid is None or state.start_time is None:
+            return self.is_alive(vm_id)
+        status = _process_status(state.pid)
+        return status is not None and status[0] != "Z" and status[1] == state.start_time
+
     def remove_stale_cgroups(self) -> list[Path]:
         """Remove the cgroups of VMs that were deleted without a kill.
 

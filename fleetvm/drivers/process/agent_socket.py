@@ -71,6 +71,9 @@ class AgentSocketDriver:
             return False
         return True
 
+    def is_running(self, vm_id: str) -> bool:
+        return self.is_alive(vm_id)
+
     def execute(
         self, vm_id: str, language: Language, code: str, timeout: float
     ) -> ExecResult:
