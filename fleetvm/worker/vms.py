@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -35,6 +36,15 @@ from fleetvm.worker.slots import CommandSlots
 logger = logging.getLogger(__name__)
 
 
+class _VmLock:
+    """A VM's lock, in an object that a weak reference can point to."""
+
+    __slots__ = ("lock", "__weakref__")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+
 class VmManager:
     """Carries out spawn, execute, files and kill for the VMs this worker owns."""
 
@@ -51,20 +61,27 @@ class VmManager:
         # Callers that only kill, such as the shutdown of `fleetvm serve`,
         # pass no limits.
         self.slots = slots or CommandSlots(worker_id, total=1000, per_user=1000)
-        self._locks: dict[str, threading.Lock] = {}
+        # An entry lives while a thread holds or waits for the lock, so the
+        # map does not grow with every VM the worker ever had.
+        self._locks: weakref.WeakValueDictionary[str, _VmLock] = (
+            weakref.WeakValueDictionary()
+        )
         self._locks_guard = threading.Lock()
 
     @contextmanager
     def locked(self, vm_id: str, blocking: bool = True) -> Iterator[bool]:
         """Hold the VM's lock; with ``blocking=False``, yield False if busy."""
         with self._locks_guard:
-            lock = self._locks.setdefault(vm_id, threading.Lock())
-        acquired = lock.acquire(blocking=blocking)
+            entry = self._locks.get(vm_id)
+            if entry is None:
+                entry = _VmLock()
+                self._locks[vm_id] = entry
+        acquired = entry.lock.acquire(blocking=blocking)
         try:
             yield acquired
         finally:
             if acquired:
-                lock.release()
+                entry.lock.release()
 
     def _log_extra(self, vm_id: str, session_id: str | None = None) -> dict[str, Any]:
         return {"vm_id": vm_id, "session_id": session_id, "worker_id": self.worker_id}
