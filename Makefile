@@ -5,14 +5,19 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+BENCH_STAMP := $(VENV)/.bench-stamp
 
-.PHONY: run test lint format clean
+.PHONY: run test lint format clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	touch $(BENCH_STAMP)
 
 run: $(STAMP)
 	$(BIN)/fleetvm serve
@@ -28,6 +33,13 @@ test: lint
 	@basetemp=$$(mktemp -d /tmp/fleetvm-pytest-XXXXXX); \
 	$(BIN)/python -m pytest --basetemp=$$basetemp; status=$$?; \
 	rm -rf $$basetemp; exit $$status
+
+# Starts PostgreSQL and Redis if they are down and stops them afterwards; the
+# benchmark starts and stops everything else. BENCH_ARGS=--quick for a short run.
+bench: $(BENCH_STAMP)
+	@started=$$(scripts/services start postgresql redis) || exit 1; \
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS); status=$$?; \
+	[ -z "$$started" ] || scripts/services stop $$started; exit $$status
 
 format: $(STAMP)
 	$(BIN)/ruff format fleetvm tests benchmarks

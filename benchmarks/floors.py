@@ -1,0 +1,213 @@
+"""Floors: what fleetvm is built on, measured without fleetvm around it.
+
+- a bare Celery round trip and task throughput on the same broker, with the
+  same Celery settings and one queue per worker, as fleetvm has;
+- a bare start and kill of the same bubblewrap sandbox and interpreter that
+  the process driver runs, started and killed directly;
+- one HTTP request to a bare FastAPI app on uvicorn, as fleetvm's API runs.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+from benchmarks.celery_floor import NOOP_TASK, make_floor_app
+from fleetvm.drivers.process import ProcessDriver
+from fleetvm.settings import Settings, queue_name
+from tests.harness import free_port, stop_process, wait_healthy
+
+#: Threads of each floor worker, as many as a fleetvm worker runs by default.
+FLOOR_WORKER_CONCURRENCY = 32
+
+
+def elapsed_ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000
+
+
+class CeleryFloor:
+    """Bare Celery workers on the broker, each consuming a queue of its own."""
+
+    def __init__(self, broker_url: str, workers: int, log_dir: Path) -> None:
+        self.broker_url = broker_url
+        self.app = make_floor_app(broker_url)
+        run_id = secrets.token_hex(3)
+        self.queues = [queue_name(f"floor{i}-{run_id}") for i in range(workers)]
+        self.log_dir = log_dir
+        self.processes: list[subprocess.Popen] = []
+
+    def __enter__(self) -> CeleryFloor:
+        env = {**os.environ, "FLEETVM_BENCH_BROKER_URL": self.broker_url}
+        for queue in self.queues:
+            argv = [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "benchmarks.celery_floor",
+                "worker",
+                "--queues",
+                queue,
+                "--pool",
+                "threads",
+                "--concurrency",
+                str(FLOOR_WORKER_CONCURRENCY),
+                "--hostname",
+                f"{queue}@%h",
+                "--without-gossip",
+                "--without-mingle",
+                "--loglevel",
+                "WARNING",
+            ]
+            with open(self.log_dir / f"{queue}.log", "ab") as log:
+                self.processes.append(
+                    subprocess.Popen(argv, env=env, stdout=log, stderr=log)
+                )
+        try:
+            # The first round trip on each queue waits until its worker consumes.
+            for queue in self.queues:
+                self.round_trip(queue, timeout=60)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def round_trip(self, queue: str, timeout: float = 10) -> float:
+        """Send the no-op task to the queue and wait for its result; ms."""
+        started = time.perf_counter()
+        result = self.app.send_task(NOOP_TASK, kwargs={"vm_id": "x"}, queue=queue)
+        result.get(timeout=timeout)
+        result.forget()
+        return elapsed_ms(started)
+
+    def throughput(self, clients: int, tasks: int) -> float:
+        """Round trips per second with ``clients`` threads spread over the queues."""
+        return run_concurrently(
+            clients,
+            tasks,
+            lambda index: self.round_trip(self.queues[index % len(self.queues)]),
+        )
+
+
+def run_concurrently(clients: int, count: int, call: Callable[[int], object]) -> float:
+    """Run ``call(i)`` for each i below ``count`` on ``clients`` threads.
+
+    Returns the calls per second.
+    """
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        for _ in pool.map(call, range(count)):
+            pass
+    return count / (time.perf_counter() - started)
+
+
+class BareSandbox:
+    """The process driver's bubblewrap sandbox, started and killed directly.
+
+    The sandboxed interpreter prints 1 and waits, so a start is measured up to
+    the first output, as a fleetvm cold start is, and a kill is SIGKILL plus
+    reaping the sandbox's process.
+    """
+
+    CODE = "import sys; print(1, flush=True); sys.stdin.read()"
+
+    def __init__(self) -> None:
+        self._dir = Path(tempfile.mkdtemp(prefix="fvm-bare-", dir="/tmp"))
+        self.driver = ProcessDriver(Settings(data_dir=self._dir))
+        if self.driver.sandbox != "bubblewrap":
+            raise RuntimeError(
+                "bubblewrap does not work on this host, so there is no sandbox "
+                "floor to measure; install bubblewrap"
+            )
+        mounts = ["--tmpfs", "/home/sandbox", "--tmpfs", "/tmp", "--chdir", "/tmp"]
+        self.argv = self.driver._bubblewrap_argv(mounts)
+        self.argv += ["--", self.driver._settings.vm.guest_python, "-I", "-S"]
+        self.argv += ["-c", self.CODE]
+        self._lock = threading.Lock()
+
+    def start(self) -> tuple[float, subprocess.Popen]:
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+        )
+        line = process.stdout.readline()
+        took = elapsed_ms(started)
+        if line != b"1\n":
+            process.kill()
+            process.wait()
+            raise RuntimeError(f"bare sandbox printed {line!r}, not 1")
+        return took, process
+
+    @staticmethod
+    def kill(process: subprocess.Popen) -> float:
+        started = time.perf_counter()
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        took = elapsed_ms(started)
+        process.stdin.close()
+        process.stdout.close()
+        return took
+
+    def close(self) -> None:
+        import shutil
+
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class ApiFloor:
+    """``benchmarks.api_floor`` served by uvicorn on a free port of 127.0.0.1."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log_dir / "api-floor.log"
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> ApiFloor:
+        argv = [sys.executable, "-m", "uvicorn", "benchmarks.api_floor:app"]
+        argv += ["--host", "127.0.0.1", "--port", str(self.port)]
+        argv += ["--log-level", "warning"]
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(argv, stdout=log, stderr=log)
+        try:
+            wait_healthy(self.url, self.process, self.log)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+
+
+def api_request(client: httpx.Client) -> float:
+    """Send one GET /health on a kept-alive connection and return its ms."""
+    started = time.perf_counter()
+    client.get("/health").raise_for_status()
+    return elapsed_ms(started)
