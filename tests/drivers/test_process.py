@@ -25,6 +25,7 @@ from fleetvm.drivers.process import (
     ProcessDriver,
     agent_socket,
 )
+from fleetvm.drivers.process.vm_dir import AGENT_SOURCE, compile_agent
 from fleetvm.errors import (
     Conflict,
     DriverError,
@@ -34,6 +35,7 @@ from fleetvm.errors import (
     VmNotRunning,
 )
 from fleetvm.guest.agent import TIMEOUT_EXIT_CODE
+from fleetvm.settings import Settings
 
 requires_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="switching to the sandbox user needs root"
@@ -521,7 +523,7 @@ def test_vms_cannot_see_each_other(vms, driver):
     assert kept.stdout == "secret\n"
     assert list(vms.data_dir.rglob("secret.txt")) == []
     assert f"sleep {seconds}" not in processes.stdout
-    assert "agent.py serve" in processes.stdout
+    assert "agent.pyc serve" in processes.stdout
     assert search.stdout == ""
     assert signal_sent.exit_code != 0
     assert homes.stdout == "sandbox\n"
@@ -1295,3 +1297,17 @@ def test_untrusted_state_ignored(vms, plain_driver, change):
     change(state_path)
 
     assert process.VmState.read(state_path.parent) is None
+
+
+def test_agent_compiled_by_guest_python(tmp_path):
+    compiled = compile_agent(Settings().vm.guest_python, tmp_path)
+
+    assert compiled == tmp_path / "agent.pyc"
+    assert compiled.read_bytes()[:16] != AGENT_SOURCE.read_bytes()[:16]
+
+
+def test_agent_source_when_compile_fails(tmp_path, caplog):
+    compiled = compile_agent(str(tmp_path / "no-python"), tmp_path)
+
+    assert compiled == AGENT_SOURCE
+    assert "cannot compile the guest agent" in caplog.text

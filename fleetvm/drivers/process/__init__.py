@@ -6,7 +6,8 @@ mode 0711, and that the VM cannot write:
 - ``state.json``: how to find the VM's processes again (``VmState``). It is
   written before the VM runs any code of its own, with mode 0600, and a driver
   ignores one that another user owns or others can write.
-- ``agent.py``: the copy of ``fleetvm/guest/agent.py`` that the VM runs.
+- ``agent.pyc``: ``fleetvm/guest/agent.py`` compiled by the guest Python, which
+  the VM runs (``agent.py``, the source, where it could not be compiled).
 - ``agent.sock``: the guest agent's listening socket. The driver creates it and
   passes it to the agent as an inherited descriptor.
 - ``agent.log``: the agent's log, and what bubblewrap and the agent wrote while
@@ -87,7 +88,7 @@ from fleetvm.drivers.process.procfs import (
 from fleetvm.drivers.process.procfs import _process_status as _process_status
 from fleetvm.drivers.process.sandbox import (
     PROBE_TIMEOUT_SECONDS,
-    SANDBOX_AGENT,
+    SANDBOX_AGENT_DIR,
     SANDBOX_HOME,
     VM_ID_ENV,
     AgentDescriptors,
@@ -114,7 +115,6 @@ from fleetvm.drivers.process.validation import (
     _check_vm_id,
 )
 from fleetvm.drivers.process.vm_dir import (
-    AGENT_FILE,
     HOME_DIR,
     LOG_FILE,
     _append_output,
@@ -122,6 +122,7 @@ from fleetvm.drivers.process.vm_dir import (
     _populate_vm_dir,
     _read_tail,
     _remove_tree,
+    compile_agent,
 )
 from fleetvm.errors import DriverError, InvalidRequest, VmNotRunning
 from fleetvm.settings import Settings
@@ -148,6 +149,7 @@ class ProcessDriver(AgentSocketDriver):
         self._disable_userns = False
         self._tmpfs_size = False
         self._cgroup_warnings: set[str] = set()
+        self._agent: Path | None = None
 
     @property
     def sandbox(self) -> str:
@@ -332,6 +334,16 @@ class ProcessDriver(AgentSocketDriver):
             raise DriverError(f"vm.sandbox_user {name!r} is root; choose another user")
         return entry.pw_uid, entry.pw_gid
 
+    def _agent_file(self) -> Path:
+        """Return the agent file that new VMs get, compiling it on first use."""
+        with self._probe_lock:
+            if self._agent is None:
+                directory = self._settings.resolved_data_dir / "agent"
+                directory.mkdir(parents=True, exist_ok=True)
+                os.chmod(directory, 0o755)
+                self._agent = compile_agent(self._settings.vm.guest_python, directory)
+            return self._agent
+
     def _prepare_vms_dir(self, credentials: tuple[int, int] | None) -> None:
         self._vms_dir.mkdir(parents=True, exist_ok=True)
         # Others may enter but not list the directory, so VM ids stay private
@@ -394,7 +406,7 @@ class ProcessDriver(AgentSocketDriver):
         # The shared lock keeps remove_stale_cgroups from taking the new cgroups
         # before the VM's processes have joined them.
         with _cgroup_parents_locked():
-            _populate_vm_dir(vm_dir, credentials, self._host_home)
+            _populate_vm_dir(vm_dir, credentials, self._host_home, self._agent_file())
             state = self._start(vm_dir, spec, sandbox, output_fd)
             deadline = started + self._settings.vm.spawn_timeout_seconds
             self._wait_until_ready(spec.vm_id, deadline)
@@ -493,7 +505,9 @@ class ProcessDriver(AgentSocketDriver):
         limit_arguments: list[str],
     ) -> list[str]:
         mounts = self._home_mounts(vm_dir)
-        mounts += ["--ro-bind", str(vm_dir / AGENT_FILE), SANDBOX_AGENT]
+        agent = self._agent_file().name
+        sandbox_agent = f"{SANDBOX_AGENT_DIR}/{agent}"
+        mounts += ["--ro-bind", str(vm_dir / agent), sandbox_agent]
         mounts += ["--chdir", SANDBOX_HOME]
         # The VM's variables reach the agent through --setenv, so that none of
         # them, LD_PRELOAD for example, affects bubblewrap itself on the host.
@@ -504,7 +518,7 @@ class ProcessDriver(AgentSocketDriver):
         # sandbox. The VM joins its cgroups during that wait.
         mounts += ["--info-fd", str(info_fd), "--block-fd", str(block_fd)]
         argv = self._bubblewrap_argv(mounts)
-        argv += ["--", self._settings.vm.guest_python, "-I", "-S", SANDBOX_AGENT]
+        argv += ["--", self._settings.vm.guest_python, "-I", "-S", sandbox_agent]
         argv += _agent_arguments(fds, SANDBOX_HOME, limit_arguments)
         return argv
 
@@ -517,7 +531,8 @@ class ProcessDriver(AgentSocketDriver):
         limit_arguments: list[str],
     ) -> VmState:
         home = str(vm_dir / HOME_DIR)
-        argv = [self._settings.vm.guest_python, "-I", "-S", str(vm_dir / AGENT_FILE)]
+        agent = str(vm_dir / self._agent_file().name)
+        argv = [self._settings.vm.guest_python, "-I", "-S", agent]
         argv += _agent_arguments(fds, home, limit_arguments)
         env = _vm_environment(spec, home, _own_user(), limit_arguments)
         process = _start_detached(

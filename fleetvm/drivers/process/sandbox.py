@@ -26,7 +26,8 @@ from fleetvm.errors import DriverError
 logger = logging.getLogger(__package__)
 
 SANDBOX_HOME = "/home/sandbox"
-SANDBOX_AGENT = "/opt/fleetvm/agent.py"
+#: Directory of the agent file inside the sandbox.
+SANDBOX_AGENT_DIR = "/opt/fleetvm"
 VM_ID_ENV = "FLEETVM_VM_ID"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PROBE_TIMEOUT_SECONDS = 10.0

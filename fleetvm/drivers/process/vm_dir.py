@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -14,23 +15,59 @@ from fleetvm.guest import agent as guest_agent
 logger = logging.getLogger(__package__)
 
 AGENT_SOURCE = Path(guest_agent.__file__)
-AGENT_FILE = "agent.py"
+#: The agent's bytecode, which VMs run where the guest Python compiled it.
+AGENT_BYTECODE_FILE = "agent.pyc"
 SOCKET_FILE = "agent.sock"
 LOG_FILE = "agent.log"
 HOME_DIR = "home"
 
 
 def _populate_vm_dir(
-    vm_dir: Path, credentials: tuple[int, int] | None, host_home: bool
+    vm_dir: Path, credentials: tuple[int, int] | None, host_home: bool, agent: Path
 ) -> None:
+    """Create the VM's home where it is on the host, and copy the agent file in."""
     if host_home:
         home = vm_dir / HOME_DIR
         home.mkdir()
         os.chmod(home, 0o700)
         if credentials is not None:
             os.chown(home, *credentials)
-    shutil.copyfile(AGENT_SOURCE, vm_dir / AGENT_FILE)
-    os.chmod(vm_dir / AGENT_FILE, 0o644)
+    shutil.copyfile(agent, vm_dir / agent.name)
+    os.chmod(vm_dir / agent.name, 0o644)
+
+
+def compile_agent(guest_python: str, directory: Path) -> Path:
+    """Return the agent compiled by the guest Python in directory, or its source.
+
+    Python compiles a script on every start, but not a .pyc file, so the
+    bytecode saves the agent and its kernel about 10 ms each at a VM's start.
+    The guest Python compiles it, so the bytecode matches its version.
+    """
+    target = directory / AGENT_BYTECODE_FILE
+    script = (
+        "import py_compile, sys\n"
+        "py_compile.compile(sys.argv[1], cfile=sys.argv[2], dfile=sys.argv[1],"
+        " doraise=True)"
+    )
+    try:
+        subprocess.run(
+            [guest_python, "-I", "-S", "-c", script, str(AGENT_SOURCE), str(target)],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        stderr = getattr(exc, "stderr", b"") or b""
+        logger.warning(
+            "cannot compile the guest agent with %s, so VMs run its source and "
+            "start about 20 ms slower: %s %s",
+            guest_python,
+            exc,
+            stderr.decode(errors="replace").strip(),
+        )
+        return AGENT_SOURCE
+    os.chmod(target, 0o644)
+    return target
 
 
 def _open_log(vm_dir: Path, stack: ExitStack) -> int:
