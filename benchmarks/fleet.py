@@ -7,24 +7,21 @@ client until the response arrives, or the VM's death is confirmed.
 from __future__ import annotations
 
 import os
-import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import psycopg
 
 from benchmarks.floors import elapsed_ms
 from fleetvm.drivers.process import ProcessDriver
 from fleetvm.settings import Settings
 from tests.cluster.harness import Cluster
+from tests.cluster.services import new_postgres_database
 from tests.harness import Server
 
-POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 #: Lifetime of the VMs that make up the fleet: longer than any run.
 FLEET_LIFETIME_SECONDS = 4 * 3600
@@ -42,19 +39,6 @@ CLUSTER_SETTINGS = {
     "FLEETVM_DATABASE__POOL_SIZE": "10",
     "FLEETVM_KILL__WAIT_SECONDS": "15",
 }
-
-
-@contextmanager
-def postgres_database() -> Iterator[str]:
-    """Create an empty PostgreSQL database for one run and drop it afterwards."""
-    name = f"fleetvm_bench_{secrets.token_hex(4)}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 class Target:
@@ -209,7 +193,7 @@ class ClusterTarget(Target):
 
     def __init__(self, log_dir: Path, workers: int = 3) -> None:
         super().__init__()
-        self._database = postgres_database()
+        self._database = new_postgres_database("fleetvm_bench")
         self.database_url = self._database.__enter__()
         self.cluster = Cluster(self.database_url, REDIS_URL, workers=workers)
         self.cluster.env.update(CLUSTER_SETTINGS)

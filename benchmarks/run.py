@@ -1,6 +1,6 @@
 """Run every fleetvm benchmark with its floors and peer, and write the results.
 
-    make bench                       # everything, about 15 minutes on 2 cores
+    make bench                       # everything, about 12 minutes on 2 cores
     .venv/bin/python -m benchmarks.run --quick   # fewer VMs and samples
 
 Starts what it measures (a cluster of three workers and one API node on
@@ -165,7 +165,7 @@ def git_commit() -> str:
 def latency_runs(
     target: Target, repeats: int, cycles: int, progress: Progress
 ) -> dict[str, list[list[float]]]:
-    """Cycles of cold start, five warm executes and a kill, ``repeats`` times.
+    """Run cycles of cold start, five warm executes and a kill, ``repeats`` times.
 
     Three untimed cycles warm up first. The VM of each cycle is new, so the
     fleet keeps its size.
@@ -193,8 +193,24 @@ def latency_runs(
     return figures
 
 
+def record_latency(
+    target: Target,
+    args: argparse.Namespace,
+    results: Results,
+    progress: Progress,
+    title: str,
+    **labels: object,
+) -> None:
+    """Run latency_runs with a progress line and add its figures to results."""
+    progress.begin(
+        f"{title}: cold start, warm execute, kill", args.repeats * args.cycles
+    )
+    for name, runs in latency_runs(target, args.repeats, args.cycles, progress).items():
+        results.add(name, runs, **labels)
+
+
 def kill_throughput(target: Target, kills: int, progress: Progress) -> float:
-    """Kills per second with THROUGHPUT_CLIENTS clients, VMs started beforehand."""
+    """Return kills per second with THROUGHPUT_CLIENTS clients on started VMs."""
     sessions = []
     for _ in range(kills):
         _, session_id, _ = target.cold_start()
@@ -283,7 +299,7 @@ def measure_floors(
 def api_requests(
     url: str, args: argparse.Namespace, progress: Progress
 ) -> list[list[float]]:
-    """Runs of 300 GET /health requests on one kept-alive connection, after 50."""
+    """Time runs of 300 GET /health on one kept-alive connection, after 50 more."""
     with httpx.Client(base_url=url) as client:
         for _ in range(50):
             api_request(client)
@@ -318,14 +334,16 @@ def measure_cluster(
             measure_memory(target, results, fleet)
             stored = target.cluster.query("SELECT count(*) FROM sessions")[0][0]
 
-            progress.begin(
-                f"cluster, {fleet} VMs: cold start, warm execute, kill",
-                args.repeats * args.cycles,
+            record_latency(
+                target,
+                args,
+                results,
+                progress,
+                f"cluster, {fleet} VMs",
+                mode="cluster",
+                fleet=fleet,
+                stored=stored,
             )
-            for name, runs in latency_runs(
-                target, args.repeats, args.cycles, progress
-            ).items():
-                results.add(name, runs, mode="cluster", fleet=fleet, stored=stored)
 
             progress.begin(f"cluster, {fleet} VMs: expiry lateness", args.repeats)
             lateness = []
@@ -349,14 +367,16 @@ def measure_cluster(
         for stored in args.stored:
             progress.begin(f"cluster: storing {stored} ended sessions")
             actual = target.store_sessions(stored)
-            progress.begin(
-                f"cluster, {smallest} VMs, {actual} stored sessions: latency",
-                args.repeats * args.cycles,
+            record_latency(
+                target,
+                args,
+                results,
+                progress,
+                f"cluster, {smallest} VMs, {actual} stored sessions",
+                mode="cluster",
+                fleet=smallest,
+                stored=actual,
             )
-            for name, runs in latency_runs(
-                target, args.repeats, args.cycles, progress
-            ).items():
-                results.add(name, runs, mode="cluster", fleet=smallest, stored=actual)
 
 
 def measure_embedded(
@@ -366,14 +386,15 @@ def measure_embedded(
     with EmbeddedTarget() as target:
         fleet = args.fleet[0]
         target.grow_fleet(fleet, progress.advance)
-        progress.begin(
-            f"embedded, {fleet} VMs: cold start, warm execute, kill",
-            args.repeats * args.cycles,
+        record_latency(
+            target,
+            args,
+            results,
+            progress,
+            f"embedded, {fleet} VMs",
+            mode="embedded",
+            fleet=fleet,
         )
-        for name, runs in latency_runs(
-            target, args.repeats, args.cycles, progress
-        ).items():
-            results.add(name, runs, mode="embedded", fleet=fleet)
 
 
 def measure_jupyter(

@@ -505,13 +505,9 @@ def measure(
     return figures
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    """Return the nearest-rank percentile, computed as in embedded_latency.py."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
 def main() -> None:
+    from benchmarks.report import percentile
+
     logging.basicConfig(level=logging.WARNING)
     figures = measure(10)
     for name, values in figures.items():

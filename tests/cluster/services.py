@@ -36,10 +36,17 @@ def require(service: str) -> None:
 @contextmanager
 def postgres_database() -> Iterator[str]:
     """Create an empty database for one test run and drop it afterwards."""
+    require("PostgreSQL")
+    with new_postgres_database("fleetvm_test") as url:
+        yield url
+
+
+@contextmanager
+def new_postgres_database(prefix: str) -> Iterator[str]:
+    """Create an empty database named prefix_<random> and drop it afterwards."""
     import psycopg
 
-    require("PostgreSQL")
-    name = f"fleetvm_test_{secrets.token_hex(4)}"
+    name = f"{prefix}_{secrets.token_hex(4)}"
     with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     try:
