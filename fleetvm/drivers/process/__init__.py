@@ -150,6 +150,7 @@ class ProcessDriver(AgentSocketDriver):
         self._tmpfs_size = False
         self._cgroup_warnings: set[str] = set()
         self._agent: Path | None = None
+        self._agent_lock = threading.Lock()
 
     @property
     def sandbox(self) -> str:
@@ -336,7 +337,7 @@ class ProcessDriver(AgentSocketDriver):
 
     def _agent_file(self) -> Path:
         """Return the agent file that new VMs get, compiling it on first use."""
-        with self._probe_lock:
+        with self._agent_lock:
             if self._agent is None:
                 directory = self._settings.resolved_data_dir / "agent"
                 directory.mkdir(parents=True, exist_ok=True)

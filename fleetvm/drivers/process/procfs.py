@@ -112,6 +112,9 @@ def _kill_if_matching(pid: int, matcher: ProcessMatcher) -> int | None:
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    except BaseException:
+        os.close(pidfd)
+        raise
     return pidfd
 
 
