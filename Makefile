@@ -38,8 +38,10 @@ test: lint
 # benchmark starts and stops everything else. BENCH_ARGS=--quick for a short run.
 bench: $(BENCH_STAMP)
 	@started=$$(scripts/services start postgresql redis) || exit 1; \
+	stop() { [ -z "$$started" ] || scripts/services stop $$started; }; \
+	trap 'stop; exit 130' INT TERM; \
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS); status=$$?; \
-	[ -z "$$started" ] || scripts/services stop $$started; exit $$status
+	trap - INT TERM; stop; exit $$status
 
 format: $(STAMP)
 	$(BIN)/ruff format fleetvm tests benchmarks

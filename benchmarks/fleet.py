@@ -128,8 +128,9 @@ class Target:
                 return driver.vm_processes(vm_id)
         return []
 
-    def live_vms(self) -> int:
-        return sum(len(driver.list_vms()) for driver in self.drivers())
+    def live_vms(self) -> set[str]:
+        """Return the ids of the VMs whose directories exist on the workers."""
+        return {vm_id for driver in self.drivers() for vm_id in driver.list_vms()}
 
     def grow_fleet(self, size: int, progress: Callable[[int], None]) -> int:
         """Start idle VMs until ``size`` of them belong to the fleet.
@@ -279,13 +280,14 @@ class ClusterTarget(Target):
                 "INSERT INTO vms (id, session_id, worker_id, status, created_at, "
                 "started_at, expires_at, killed_at, kill_reason, isolation) "
                 "SELECT 'vm-' || substr(md5(s.id), 1, 16), s.id, "
-                "(CAST(:workers AS text[]))[1 + (row_number() OVER () % 3)], "
+                "(CAST(:workers AS text[]))[1 + (row_number() OVER () % :count)], "
                 "'killed', s.created_at, "
                 "s.created_at, s.created_at + interval '300 s', "
                 "s.created_at + interval '10 s', 'user', 'bubblewrap' "
                 "FROM sessions s WHERE s.current_vm_id IS NULL "
                 "AND NOT EXISTS (SELECT 1 FROM vms v WHERE v.session_id = s.id)",
                 workers=workers,
+                count=len(workers),
             )
             self.cluster.query_commit("ANALYZE")
         return self.cluster.query("SELECT count(*) FROM sessions")[0][0]
@@ -302,7 +304,11 @@ class EmbeddedTarget(Target):
         self._drivers: list[ProcessDriver] | None = None
 
     def __enter__(self) -> EmbeddedTarget:
-        self.server.start()
+        try:
+            self.server.start()
+        except BaseException:
+            self.server.cleanup()
+            raise
         self.url = self.server.url
         self.key = self.server.admin_key
         return self
@@ -335,16 +341,21 @@ def memory_kib(pids: list[int]) -> dict[str, int]:
     return totals
 
 
-def vm_process_pids() -> list[int]:
-    """Return the PIDs of every VM process on the host, in one walk of /proc."""
+def vm_process_pids(vm_ids: set[str]) -> list[int]:
+    """Return the PIDs of the given VMs' processes, in one walk of /proc.
+
+    A VM's processes have FLEETVM_VM_ID=<its id> in their environment.
+    """
+    entries = {f"FLEETVM_VM_ID={vm_id}".encode() for vm_id in vm_ids}
     pids = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
             with open(f"/proc/{name}/environ", "rb") as file:
-                if b"FLEETVM_VM_ID=" in file.read():
-                    pids.append(int(name))
+                environment = file.read().split(b"\0")
         except OSError:
             continue
+        if not entries.isdisjoint(environment):
+            pids.append(int(name))
     return pids

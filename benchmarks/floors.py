@@ -9,8 +9,11 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
+import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,13 +21,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 
 from benchmarks.celery_floor import NOOP_TASK, make_floor_app
 from fleetvm.drivers.process import ProcessDriver
+from fleetvm.drivers.process.sandbox import _read_bwrap_info
 from fleetvm.settings import Settings, queue_name
 from tests.harness import free_port, stop_process, wait_healthy
 
@@ -72,7 +75,9 @@ class CeleryFloor:
             ]
             with open(self.log_dir / f"{queue}.log", "ab") as log:
                 self.processes.append(
-                    subprocess.Popen(argv, env=env, stdout=log, stderr=log)
+                    subprocess.Popen(
+                        argv, env=env, stdout=log, stderr=log, start_new_session=True
+                    )
                 )
         try:
             # The first round trip on each queue waits until its worker consumes.
@@ -108,75 +113,165 @@ class CeleryFloor:
             clients,
             tasks,
             lambda index: self.round_trip(self.queues[index % len(self.queues)]),
+            # Opens the thread's result backend connection before the clock.
+            lambda: self.round_trip(self.queues[0]),
         )
 
 
-def run_concurrently(clients: int, count: int, call: Callable[[int], object]) -> float:
+def run_concurrently(
+    clients: int,
+    count: int,
+    call: Callable[[int], object],
+    prepare: Callable[[], object] | None = None,
+) -> float:
     """Run ``call(i)`` for each i below ``count`` on ``clients`` threads.
 
-    Returns the calls per second.
+    Each thread first runs ``prepare``, to open its connections, and the clock
+    starts once all of them are ready. Returns the calls per second.
     """
+    ready = threading.Barrier(clients + 1)
+    indexes = itertools.count()
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            if prepare is not None:
+                prepare()
+        except BaseException as exc:
+            errors.append(exc)
+            ready.abort()
+            return
+        ready.wait()
+        for index in indexes:
+            if index >= count or errors:
+                return
+            try:
+                call(index)
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        ready.wait()
+    except threading.BrokenBarrierError:
+        pass
     started = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        for _ in pool.map(call, range(count)):
-            pass
-    return count / (time.perf_counter() - started)
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return count / elapsed
 
 
 class BareSandbox:
     """The process driver's bubblewrap sandbox, started and killed directly.
 
     The sandboxed interpreter prints 1 and waits, so a start is measured up to
-    the first output, as a fleetvm cold start is, and a kill is SIGKILL plus
-    reaping the sandbox's process.
+    the first output, as a fleetvm cold start is. A kill is SIGKILL to every
+    process of the sandbox, found beforehand, until all of them have exited,
+    as a fleetvm kill confirms.
     """
 
     CODE = "import sys; print(1, flush=True); sys.stdin.read()"
 
     def __init__(self) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix="fvm-bare-", dir="/tmp"))
-        self.driver = ProcessDriver(Settings(data_dir=self._dir))
-        if self.driver.sandbox != "bubblewrap":
-            raise RuntimeError(
-                "bubblewrap does not work on this host, so there is no sandbox "
-                "floor to measure; install bubblewrap"
-            )
-        mounts = ["--tmpfs", "/home/sandbox", "--tmpfs", "/tmp", "--chdir", "/tmp"]
-        self.argv = self.driver._bubblewrap_argv(mounts)
-        self.argv += ["--", self.driver._settings.vm.guest_python, "-I", "-S"]
-        self.argv += ["-c", self.CODE]
-        self._lock = threading.Lock()
+        try:
+            self.driver = ProcessDriver(Settings(data_dir=self._dir))
+            if self.driver.sandbox != "bubblewrap":
+                raise RuntimeError(
+                    "the process driver runs VMs without bubblewrap here (see "
+                    "vm.sandbox and the log above), so there is no sandbox floor "
+                    "to measure"
+                )
+        except BaseException:
+            self.close()
+            raise
+        self._mounts = ["--tmpfs", "/home/sandbox", "--tmpfs", "/tmp"]
+        self._mounts += ["--chdir", "/tmp"]
+        self._command = [self.driver._settings.vm.guest_python, "-I", "-S"]
+        self._command += ["-c", self.CODE]
 
-    def start(self) -> tuple[float, subprocess.Popen]:
+    def start(self) -> tuple[float, BareVm]:
+        """Start the sandbox and return the ms until it printed, and the sandbox."""
+        info_read, info_write = os.pipe()
+        # bubblewrap writes the sandbox's PID namespace to this descriptor.
+        mounts = [*self._mounts, "--info-fd", str(info_write)]
+        argv = [*self.driver._bubblewrap_argv(mounts), "--", *self._command]
         started = time.perf_counter()
-        process = subprocess.Popen(
-            self.argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            start_new_session=True,
-        )
-        line = process.stdout.readline()
-        took = elapsed_ms(started)
+        try:
+            process = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                start_new_session=True,
+                pass_fds=(info_write,),
+            )
+        finally:
+            os.close(info_write)
+        try:
+            line = process.stdout.readline()
+            took = elapsed_ms(started)
+            info = _read_bwrap_info(info_read, 10)
+        finally:
+            os.close(info_read)
+        vm = BareVm(process, int(info["pid-namespace"]))
         if line != b"1\n":
-            process.kill()
-            process.wait()
+            self.kill(vm)
             raise RuntimeError(f"bare sandbox printed {line!r}, not 1")
-        return took, process
+        return took, vm
 
     @staticmethod
-    def kill(process: subprocess.Popen) -> float:
+    def kill(vm: BareVm) -> float:
+        """SIGKILL every process of the sandbox and return the ms until all exited."""
+        pidfds = [os.pidfd_open(pid) for pid in vm.pids()]
         started = time.perf_counter()
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        for pidfd in pidfds:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        poller = select.poll()
+        for pidfd in pidfds:
+            poller.register(pidfd, select.POLLIN)
+        pending = len(pidfds)
+        while pending:
+            for pidfd, _ in poller.poll():
+                poller.unregister(pidfd)
+                pending -= 1
         took = elapsed_ms(started)
-        process.stdin.close()
-        process.stdout.close()
+        for pidfd in pidfds:
+            os.close(pidfd)
+        vm.process.wait()
+        vm.process.stdin.close()
+        vm.process.stdout.close()
         return took
 
     def close(self) -> None:
-        import shutil
-
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class BareVm:
+    """A sandbox that BareSandbox started: bubblewrap and its PID namespace."""
+
+    def __init__(self, process: subprocess.Popen, pid_namespace: int) -> None:
+        self.process = process
+        self.pid_namespace = pid_namespace
+
+    def pids(self) -> list[int]:
+        """Return bubblewrap's PID and those of every process in the sandbox."""
+        pids = [self.process.pid]
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                namespace = os.stat(f"/proc/{name}/ns/pid").st_ino
+            except OSError:
+                continue
+            if namespace == self.pid_namespace:
+                pids.append(int(name))
+        return pids
 
 
 class ApiFloor:
@@ -193,7 +288,9 @@ class ApiFloor:
         argv += ["--host", "127.0.0.1", "--port", str(self.port)]
         argv += ["--log-level", "warning"]
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(argv, stdout=log, stderr=log)
+            self.process = subprocess.Popen(
+                argv, stdout=log, stderr=log, start_new_session=True
+            )
         try:
             wait_healthy(self.url, self.process, self.log)
         except BaseException:

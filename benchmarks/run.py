@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import random
 import shutil
@@ -80,7 +81,8 @@ class Progress:
             f"{int(elapsed) % 60:02d}  {self.phase}{count}"
         )
         if self.tty:
-            sys.stderr.write("\r" + line.ljust(100))
+            width = shutil.get_terminal_size().columns - 1
+            sys.stderr.write("\r" + line[:width].ljust(width))
             sys.stderr.flush()
         elif force:
             sys.stderr.write(line + "\n")
@@ -222,14 +224,17 @@ def kill_throughput(target: Target, kills: int, progress: Progress) -> float:
         if response.json()["outcome"] != "killed":
             raise RuntimeError(f"kill returned {response.json()}")
 
-    rate = run_concurrently(THROUGHPUT_CLIENTS, kills, kill)
+    rate = run_concurrently(
+        THROUGHPUT_CLIENTS, kills, kill, lambda: target.client().get("/health")
+    )
     progress.advance()
     return rate
 
 
 def measure_memory(target: ClusterTarget, results: Results, fleet: int) -> None:
-    vms = target.live_vms()
-    vm_memory = memory_kib(vm_process_pids())
+    vm_ids = target.live_vms()
+    vms = len(vm_ids)
+    vm_memory = memory_kib(vm_process_pids(vm_ids))
     results.add(
         "memory per idle VM (Pss)",
         [[vm_memory["pss"] / 1024 / vms]],
@@ -416,7 +421,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few VMs and samples")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--cycles", type=int, default=30, help="VMs per latency run")
+    parser.add_argument("--cycles", type=int, default=100, help="VMs per latency run")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     if args.quick:
@@ -424,12 +429,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.cycles, args.expiries, args.throughput = 10, 5, 20
     else:
         args.fleet, args.stored = [10, 100, 500, 1000], [10_000, 100_000]
-        args.expiries, args.throughput = 10, 60
+        args.expiries, args.throughput = 10, 80
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # The drivers used for measuring would log warnings into the progress line.
+    logging.getLogger("fleetvm").setLevel(logging.ERROR)
+
     started = datetime.now(UTC)
     results = Results(
         {
@@ -442,7 +450,10 @@ def main(argv: list[str] | None = None) -> None:
             "throughput_clients": THROUGHPUT_CLIENTS,
         }
     )
-    steps = 5 + 1 + 1 + 4 * len(args.fleet) + 1 + 2 * len(args.stored) + 2 + 1
+
+    # Floors 3, cluster start and /health 2, 4 per fleet size, shrink 1, 2 per
+    # stored size, embedded 2, Jupyter 1.
+    steps = 9 + 4 * len(args.fleet) + 2 * len(args.stored)
     progress = Progress(steps)
     log_dir = Path(tempfile.mkdtemp(prefix="fvm-bench-logs-", dir="/tmp"))
     try:
@@ -460,6 +471,7 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
         raise
+
     progress.close()
     shutil.rmtree(log_dir, ignore_errors=True)
     results.meta["duration_seconds"] = round(

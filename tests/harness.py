@@ -100,8 +100,14 @@ class Server:
 
     def start(self) -> Server:
         with open(self.log, "ab") as log:
+            # A session of its own: Ctrl-C in a benchmark then reaches only the
+            # benchmark, which stops this process itself.
             self.process = subprocess.Popen(
-                fleetvm_command("serve"), env=self.env, stdout=log, stderr=log
+                fleetvm_command("serve"),
+                env=self.env,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
             )
         wait_healthy(self.url, self.process, self.log)
         return self

@@ -77,6 +77,8 @@ class Cluster:
                 env={**self.env, **env},
                 stdout=log,
                 stderr=log,
+                # Ctrl-C reaches only the test or benchmark, which stops this.
+                start_new_session=True,
             )
 
     def data_dir(self, worker_id: str) -> Path:
