@@ -228,10 +228,18 @@ class BareSandbox:
     @staticmethod
     def kill(vm: BareVm) -> float:
         """SIGKILL every process of the sandbox and return the ms until all exited."""
-        pidfds = [os.pidfd_open(pid) for pid in vm.pids()]
+        pidfds = []
+        for pid in vm.pids():
+            try:
+                pidfds.append(os.pidfd_open(pid))
+            except ProcessLookupError:
+                continue  # exited before the kill
         started = time.perf_counter()
         for pidfd in pidfds:
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # exited already, so its pidfd is readable
         poller = select.poll()
         for pidfd in pidfds:
             poller.register(pidfd, select.POLLIN)
