@@ -1,6 +1,6 @@
 """Run every fleetvm benchmark with its floors and peer, and write the results.
 
-    make bench                       # everything, about 12 minutes on 2 cores
+    make bench                       # everything, about 20 minutes on 2 cores
     .venv/bin/python -m benchmarks.run --quick   # fewer VMs and samples
 
 Starts what it measures (a cluster of three workers and one API node on
