@@ -1311,3 +1311,10 @@ def test_agent_source_when_compile_fails(tmp_path, caplog):
 
     assert compiled == AGENT_SOURCE
     assert "cannot compile the guest agent" in caplog.text
+
+
+def test_agent_bytecode_hides_host_path(tmp_path):
+    compiled = compile_agent(Settings().vm.guest_python, tmp_path)
+
+    assert str(AGENT_SOURCE.parent).encode() not in compiled.read_bytes()
+    assert b"/opt/fleetvm/agent.py" in compiled.read_bytes()

@@ -17,6 +17,8 @@ logger = logging.getLogger(__package__)
 AGENT_SOURCE = Path(guest_agent.__file__)
 #: The agent's bytecode, which VMs run where the guest Python compiled it.
 AGENT_BYTECODE_FILE = "agent.pyc"
+#: The source file name that the bytecode records.
+SANDBOX_AGENT_SOURCE = "/opt/fleetvm/agent.py"
 SOCKET_FILE = "agent.sock"
 LOG_FILE = "agent.log"
 HOME_DIR = "home"
@@ -44,14 +46,18 @@ def compile_agent(guest_python: str, directory: Path) -> Path:
     The guest Python compiles it, so the bytecode matches its version.
     """
     target = directory / AGENT_BYTECODE_FILE
+    # The file name recorded in the bytecode is the sandbox's, because VM code
+    # can read the file and need not learn where fleetvm is installed.
     script = (
         "import py_compile, sys\n"
-        "py_compile.compile(sys.argv[1], cfile=sys.argv[2], dfile=sys.argv[1],"
+        "py_compile.compile(sys.argv[1], cfile=sys.argv[2], dfile=sys.argv[3],"
         " doraise=True)"
     )
+    argv = [guest_python, "-I", "-S", "-c", script, str(AGENT_SOURCE), str(target)]
+    argv.append(SANDBOX_AGENT_SOURCE)
     try:
         subprocess.run(
-            [guest_python, "-I", "-S", "-c", script, str(AGENT_SOURCE), str(target)],
+            argv,
             check=True,
             capture_output=True,
             timeout=60,
