@@ -17,6 +17,7 @@ import httpx
 
 from benchmarks.floors import elapsed_ms
 from fleetvm.drivers.process import ProcessDriver
+from fleetvm.drivers.process.procfs import _process_status
 from fleetvm.settings import Settings
 from tests.cluster.harness import Cluster
 from tests.cluster.services import new_postgres_database
@@ -179,12 +180,8 @@ def available_mib() -> int:
 
 def _running(pid: int) -> bool:
     """Return whether pid runs and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as file:
-            data = file.read()
-    except OSError:
-        return False
-    return data[data.rindex(b")") + 2 : data.rindex(b")") + 3] != b"Z"
+    status = _process_status(pid)
+    return status is not None and status[0] != "Z"
 
 
 class ClusterTarget(Target):

@@ -27,6 +27,7 @@ import httpx
 
 from benchmarks.celery_floor import NOOP_TASK, make_floor_app
 from fleetvm.drivers.process import ProcessDriver
+from fleetvm.drivers.process.procfs import _pid_namespace, _process_ids
 from fleetvm.drivers.process.sandbox import _read_bwrap_info
 from fleetvm.settings import Settings, queue_name
 from tests.harness import free_port, stop_process, wait_healthy
@@ -269,17 +270,10 @@ class BareVm:
 
     def pids(self) -> list[int]:
         """Return bubblewrap's PID and those of every process in the sandbox."""
-        pids = [self.process.pid]
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                namespace = os.stat(f"/proc/{name}/ns/pid").st_ino
-            except OSError:
-                continue
-            if namespace == self.pid_namespace:
-                pids.append(int(name))
-        return pids
+        in_sandbox = [
+            pid for pid in _process_ids() if _pid_namespace(pid) == self.pid_namespace
+        ]
+        return [self.process.pid, *in_sandbox]
 
 
 class ApiFloor:

@@ -181,6 +181,7 @@ def scaling_table(index: Index) -> list[str]:
         f"| Figure (p50 / p99 ms) | {header} | {largest} / {smallest} (p50) | |",
         "|---|" + "---:|" * len(fleets) + "---:|---|",
     ]
+
     for figure in (*LATENCIES, "expiry lateness"):
         cells, stats = [], []
         for fleet in fleets:
@@ -192,6 +193,7 @@ def scaling_table(index: Index) -> list[str]:
             f"| {figure} | {' | '.join(cells)} | {ratio:.2f}x "
             f"| {_verdict(ratio <= SCALING_GOAL)} |"
         )
+
     cells, rates = [], []
     for fleet in fleets:
         rate = index.stat("kill throughput", "cluster", fleet)["p50"]
